@@ -1,0 +1,28 @@
+"""ddiscan: score LoRA adapters by the Directional Deviation Index, from the weights alone.
+
+>>> import ddiscan
+>>> report = ddiscan.scan("base.safetensors", "adapter_dir/")      # doctest: +SKIP
+>>> report.modules[0].name, report.modules[0].ddi                  # doctest: +SKIP
+"""
+
+from ._version import __version__
+from .errors import DdiscanError, InputError, OutputError, UsageError
+from .lora import LoraModule, load_adapter, match_modules
+from .report import ModuleScore, Report, load_schema, render
+from .scan import scan
+
+__all__ = [
+    "__version__",
+    "scan",
+    "Report",
+    "ModuleScore",
+    "LoraModule",
+    "load_adapter",
+    "match_modules",
+    "load_schema",
+    "render",
+    "DdiscanError",
+    "UsageError",
+    "InputError",
+    "OutputError",
+]

@@ -1,0 +1,136 @@
+"""Which file holds which tensor: a single file, a sharded checkpoint, a directory.
+
+A base checkpoint may be given as
+
+* one ``.safetensors`` file;
+* a sharded checkpoint's ``*.safetensors.index.json`` (its ``weight_map`` names each
+  tensor's shard);
+* a directory holding either of those (an index wins; otherwise every ``*.safetensors``
+  file in it, no key in two of them).
+
+Shard headers are read lazily, the first time one of their tensors is asked for, so a
+scan touches only the shards that hold tensors it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from .reader import SafetensorsFile, TensorInfo, check_not_pickle
+
+__all__ = ["TensorIndex", "resolve_checkpoint"]
+
+
+def _require_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+
+
+def resolve_checkpoint(path) -> tuple[Path, list[Path] | None]:
+    """Classify ``path``: return ``(index_json, None)`` or ``(None, [files])``."""
+    path = Path(path)
+    _require_exists(path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return path, None
+        check_not_pickle(path)
+        return None, [path]
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) == 1:
+        return indexes[0], None
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise InputError(f"{path}: several checkpoint indexes ({names}); name the one to use")
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return None, files
+    pickles = sorted(p for ext in ("*.bin", "*.pt", "*.pth") for p in path.glob(ext))
+    if pickles:
+        check_not_pickle(pickles[0])
+    raise InputError(f"{path}: no .safetensors file or *.safetensors.index.json in this directory")
+
+
+class TensorIndex:
+    """Map tensor names to the files that hold them, opening each file at most once.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.safetensors`` file, an ``*.index.json``, or a directory holding either.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._open: dict[Path, SafetensorsFile] = {}
+        index, files = resolve_checkpoint(self.path)
+        if index is not None:
+            self.weight_map = self._read_index(index)
+            self.files = sorted(set(self.weight_map.values()))
+        else:
+            self.files = files
+            self.weight_map = {}
+            for file in files:
+                for name in self._file(file).keys():
+                    if name in self.weight_map:
+                        raise InputError(
+                            f"{self.path}: tensor {name!r} is in both {self.weight_map[name].name} and {file.name}"
+                        )
+                    self.weight_map[name] = file
+
+    @staticmethod
+    def _read_index(index: Path) -> dict[str, Path]:
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{index}: not a readable checkpoint index ({exc})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InputError(f"{index}: checkpoint index has no valid 'weight_map'")
+        resolved = {}
+        for name, shard in weight_map.items():
+            shard_path = index.parent / shard
+            if Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise InputError(f"{index}: shard name {shard!r} points outside the checkpoint directory")
+            resolved[name] = shard_path
+        for shard_path in set(resolved.values()):
+            _require_exists(shard_path)
+        return resolved
+
+    def _file(self, path: Path) -> SafetensorsFile:
+        if path not in self._open:
+            self._open[path] = SafetensorsFile(path)
+        return self._open[path]
+
+    def keys(self):
+        return self.weight_map.keys()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self._file(self.weight_map[name])
+
+    def info(self, name: str) -> TensorInfo:
+        file = self.file_of(name)
+        if name not in file.tensors:
+            raise InputError(f"{file.path}: the index says it holds {name!r}, but it does not")
+        return file.tensors[name]
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only memory map in its file dtype."""
+        self.info(name)
+        return self.file_of(name).array(name)
+
+    def describe(self) -> dict:
+        """Paths and sizes of the files, for the report."""
+        return {
+            "path": str(self.path),
+            "files": [{"path": str(p), "size": p.stat().st_size} for p in self.files],
+        }

@@ -1,0 +1,226 @@
+"""One safetensors file: its header, validated, and its tensors, memory-mapped one at a time.
+
+The header is checked by the rules the safetensors library enforces (``safetensors``'s
+``Metadata::validate``): header length at most 100 MB, JSON object, known dtypes, shapes of
+non-negative integers, data offsets contiguous from 0 with no gap or overlap, each byte size
+equal to numel × dtype size, and header + data equal to the file size.
+
+Tensors are returned as read-only ``numpy.memmap`` views of the data region, so nothing is
+read until it is used and a tensor costs no memory until converted. (``safe_open`` with
+``framework="np"`` copies each tensor and cannot read float8; the format is simple enough
+that mapping it directly is both faster and smaller.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import HeaderError, InputError, NotSafetensors, PickleRefused, UnsupportedDtype
+
+__all__ = ["TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle"]
+
+MAX_HEADER_SIZE = 100_000_000
+
+# dtype name -> size in bits, for every dtype the safetensors format defines.
+DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32,
+    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+
+# dtypes ddiscan can map as numpy arrays.
+NUMPY_DTYPES = {
+    "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
+    "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32), "I64": np.dtype(np.int64), "U64": np.dtype(np.uint64),
+    "F16": np.dtype(np.float16), "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in its file: ``start``/``end`` are absolute byte offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+def check_not_pickle(path: Path) -> None:
+    """Refuse pickled checkpoints by name or by their first bytes."""
+    head = b""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        pass
+    if path.suffix in _PICKLE_SUFFIXES or head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        raise PickleRefused(
+            f"{path}: a pickled PyTorch checkpoint; ddiscan never unpickles files, because "
+            "unpickling runs arbitrary code from the file. Convert it to safetensors first."
+        )
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise HeaderError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _parse_header(raw: bytes, path: Path, data_size: int):
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except HeaderError as exc:
+        raise HeaderError(f"{path}: header has a {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HeaderError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise HeaderError(f"{path}: __metadata__ must map strings to strings")
+    tensors = {}
+    for name, entry in header.items():
+        tensors[name] = _tensor_info(name, entry, path)
+    _check_offsets(tensors, path, data_size)
+    return tensors, metadata
+
+
+def _tensor_info(name: str, entry, path: Path) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise HeaderError(f"{path}: entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        raise HeaderError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)):
+        raise HeaderError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2
+        and all(type(n) is int and n >= 0 for n in offsets) and offsets[0] <= offsets[1]
+    ):
+        raise HeaderError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}")
+    nbits = prod(shape) * DTYPE_BITS[dtype]
+    if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
+        raise HeaderError(
+            f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but "
+            f"{dtype}{shape} needs {nbits / 8:g}"
+        )
+    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_offsets(tensors: dict, path: Path, data_size: int) -> None:
+    end = 0
+    for info in sorted(tensors.values(), key=lambda i: (i.start, i.end)):
+        if info.start != end:
+            kind = "overlaps the previous tensor" if info.start < end else "leaves a gap before it"
+            raise HeaderError(f"{path}: tensor {info.name!r} {kind} (offset {info.start}, expected {end})")
+        end = info.end
+    if end != data_size:
+        raise HeaderError(
+            f"{path}: tensors cover {end} bytes of data but the file holds {data_size} "
+            "(truncated or padded file)"
+        )
+
+
+class SafetensorsFile:
+    """A validated safetensors file whose tensors are mapped on demand.
+
+    Parameters
+    ----------
+    path : path-like
+        The file. Its header is read and validated at once; no tensor data is read.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.size = os.stat(self.path).st_size
+            if not self.path.is_file():
+                raise InputError(f"{self.path}: not a regular file")
+            check_not_pickle(self.path)
+            with open(self.path, "rb") as f:
+                prefix = f.read(8)
+                if len(prefix) < 8:
+                    raise NotSafetensors(f"{self.path}: not a safetensors file (only {len(prefix)} bytes)")
+                (header_size,) = struct.unpack("<Q", prefix)
+                if header_size > MAX_HEADER_SIZE:
+                    raise NotSafetensors(
+                        f"{self.path}: not a safetensors file (header length {header_size} "
+                        f"exceeds the format's limit of {MAX_HEADER_SIZE} bytes)"
+                    )
+                if 8 + header_size > self.size:
+                    raise NotSafetensors(
+                        f"{self.path}: not a safetensors file or truncated (header length "
+                        f"{header_size} exceeds the file size {self.size})"
+                    )
+                raw = f.read(header_size)
+        except FileNotFoundError:
+            raise InputError(f"{self.path}: no such file") from None
+        except PermissionError:
+            raise InputError(f"{self.path}: permission denied") from None
+        except IsADirectoryError:
+            raise InputError(f"{self.path}: is a directory") from None
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if not raw.startswith(b"{"):
+            raise NotSafetensors(f"{self.path}: not a safetensors file (header does not start with '{{')")
+        self.data_offset = 8 + header_size
+        tensors, self.metadata = _parse_header(raw, self.path, self.size - self.data_offset)
+        self.tensors: dict[str, TensorInfo] = {
+            name: TensorInfo(i.name, i.dtype, i.shape, i.start + self.data_offset, i.end + self.data_offset)
+            for name, i in tensors.items()
+        }
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only array in its file dtype (a memory map, no copy)."""
+        info = self.tensors[name]
+        if info.dtype not in NUMPY_DTYPES:
+            raise UnsupportedDtype(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which ddiscan cannot read")
+        dtype = NUMPY_DTYPES[info.dtype]
+        if info.numel == 0:
+            return np.empty(info.shape, dtype)
+        try:
+            flat = np.memmap(self.path, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot map tensor {name!r} ({exc.strerror or exc})") from None
+        return flat.reshape(info.shape)
+
+    def raw_bytes(self, name: str) -> bytes:
+        """The stored bytes of tensor ``name``, exactly as in the file."""
+        info = self.tensors[name]
+        with open(self.path, "rb") as f:
+            f.seek(info.start)
+            return f.read(info.end - info.start)

@@ -1,0 +1,516 @@
+"""Adapter files → LoRA modules matched to base weights, each with its scaling.
+
+Two key layouts are read (SPEC.md §1):
+
+* **PEFT** (also diffusers and mergekit, which use PEFT keys under other prefixes):
+  ``base_model.model.<path>.lora_A[.<adapter>].weight`` / ``lora_B``, and
+  ``<path>.lora_embedding_A`` / ``lora_embedding_B`` for embeddings. The scaling comes from
+  ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
+  ``alpha_pattern``), or from the ``lora_adapter_metadata`` entry diffusers writes into the
+  file's ``__metadata__``.
+* **kohya / sd-scripts**: ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an
+  optional ``<name>.alpha``, where ``<name>`` is ``lora_unet_``/``lora_te_``… followed by the
+  base key with dots written as underscores.
+
+Every module is returned in PyTorch ``nn.Linear`` terms: ``up`` is d × r, ``down`` is r × k
+and ΔW = s · up · down has the shape (d, k) of the base weight as scored (after a GPT-2
+``Conv1D`` transpose or a convolution flatten).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
+from .io.index import TensorIndex
+from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
+
+__all__ = [
+    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "dense_delta",
+]
+
+PEFT_PREFIX = "base_model.model."
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
+_PEFT_PARTS = {"lora_A": "down", "lora_B": "up", "lora_embedding_A": "down", "lora_embedding_B": "up"}
+_CONV1D_NAMES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+# Tensors that sit beside a quantized weight (bitsandbytes 4/8-bit, FP8 checkpoints).
+_QUANT_SIBLINGS = (
+    ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
+    ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4",
+    ".SCB", ".weight_format", ".weight_scale_inv", ".weight_scale", ".input_scale",
+)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An adapter's tensor file and the configuration that came with it."""
+
+    path: Path
+    file: SafetensorsFile
+    config: dict | None
+    config_source: str | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An adapter tensor that is not part of a LoRA pair, and why it was passed over."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA-updated module, matched to its base weight.
+
+    ``d, k`` is the scored shape of W0 and ΔW; ``r`` the update's rank; ``scale`` the
+    factor s of ΔW = s · up · down and ``scale_source`` where it came from.
+    """
+
+    name: str
+    base_key: str
+    up_key: str
+    down_key: str
+    layout: str  # "linear", "embedding" or "conv"
+    d: int
+    k: int
+    r: int
+    scale: float
+    scale_source: str
+    transpose_base: bool = False
+    dora_key: str | None = None
+    alpha_key: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.base_key.removesuffix(".weight").rsplit(".", 1)[-1]
+
+    @property
+    def block(self) -> int | None:
+        for part in self.base_key.split("."):
+            if part.isdigit():
+                return int(part)
+        return None
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        return tuple(k for k in (self.down_key, self.up_key, self.dora_key, self.alpha_key) if k)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading the adapter
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def load_adapter(path) -> Adapter:
+    """Open an adapter: a ``.safetensors`` file or a PEFT directory.
+
+    A file's sibling ``adapter_config.json`` is used when present; otherwise the
+    ``lora_adapter_metadata`` diffusers stores in the file's ``__metadata__``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        file_path = path / "adapter_model.safetensors"
+        if not file_path.exists():
+            for pickled in ("adapter_model.bin", "adapter_model.pt"):
+                if (path / pickled).exists():
+                    check_not_pickle(path / pickled)
+            raise InputError(f"{path}: not a PEFT adapter directory (no adapter_model.safetensors)")
+    else:
+        file_path = path
+    file = SafetensorsFile(file_path)
+    config_path = file_path.parent / "adapter_config.json"
+    if config_path.exists():
+        return Adapter(path, file, _read_json(config_path, "adapter_config.json"), str(config_path))
+    raw = (file.metadata or {}).get("lora_adapter_metadata")
+    if raw is not None:
+        try:
+            config = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{file_path}: __metadata__['lora_adapter_metadata'] is not valid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise InputError(f"{file_path}: __metadata__['lora_adapter_metadata'] is not a JSON object")
+        return Adapter(path, file, config, "__metadata__['lora_adapter_metadata']")
+    return Adapter(path, file, None, None)
+
+
+# ---------------------------------------------------------------------------------------
+# Grouping adapter keys into LoRA pairs
+
+
+@dataclass
+class _Pair:
+    name: str
+    style: str  # "peft" or "kohya"
+    up: str | None = None
+    down: str | None = None
+    embedding: bool = False
+    dora: str | None = None
+    alpha: str | None = None
+    adapter_name: str | None = None
+    extra: list = field(default_factory=list)
+
+
+def _classify(keys) -> tuple[dict[str, _Pair], list[Skipped]]:
+    pairs: dict[str, _Pair] = {}
+    skipped: list[Skipped] = []
+
+    def pair(name, style):
+        return pairs.setdefault(name, _Pair(name, style))
+
+    for key in keys:
+        parts = key.split(".")
+        if len(parts) >= 3 and parts[-2] in ("lora_down", "lora_up") and parts[-1] == "weight":
+            p = pair(".".join(parts[:-2]), "kohya")
+            setattr(p, "down" if parts[-2] == "lora_down" else "up", key)
+            continue
+        if len(parts) >= 2 and parts[-1] == "alpha":
+            pair(".".join(parts[:-1]), "kohya").alpha = key
+            continue
+        if len(parts) >= 2 and parts[-1] == "dora_scale":
+            pair(".".join(parts[:-1]), "kohya").dora = key
+            continue
+        if parts[-1] == "bias":
+            skipped.append(Skipped(key, "bias"))
+            continue
+        stem = parts[:-1] if parts[-1] == "weight" else parts
+        found = None
+        for i in (len(stem) - 1, len(stem) - 2):
+            if i >= 1 and (stem[i] in _PEFT_PARTS or stem[i] == "lora_magnitude_vector"):
+                found = i
+                break
+        if found is None:
+            if any(p.startswith(("hada_", "lokr_", "oft_", "boft_")) for p in parts):
+                skipped.append(Skipped(key, "not LoRA (LyCORIS/OFT tensor)"))
+            elif "trainable_tokens" in key or "token_adapter" in key:
+                skipped.append(Skipped(key, "trainable tokens"))
+            elif "modules_to_save" in key or key.startswith(PEFT_PREFIX):
+                skipped.append(Skipped(key, "full weight (modules_to_save)"))
+            else:
+                skipped.append(Skipped(key, "not a LoRA tensor"))
+            continue
+        name = ".".join(stem[:found])
+        name = name.removeprefix(PEFT_PREFIX)
+        adapter_name = stem[found + 1] if found + 1 < len(stem) else None
+        p = pair(name, "peft")
+        p.adapter_name = p.adapter_name or adapter_name
+        part = stem[found]
+        if part == "lora_magnitude_vector":
+            p.dora = key
+        else:
+            setattr(p, _PEFT_PARTS[part], key)
+            p.embedding = p.embedding or part.startswith("lora_embedding")
+    return pairs, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# Matching module names to base keys
+
+
+class _BaseNames:
+    """Lookup tables from LoRA module names to base weight keys."""
+
+    def __init__(self, keys):
+        self.keys = set(keys)
+        self.by_suffix: dict[str, list[str]] = {}
+        self.by_underscore: dict[str, list[str]] = {}
+        for key in self.keys:
+            if not key.endswith(".weight"):
+                continue
+            parts = key.split(".")
+            for i in range(1, len(parts) - 1):
+                self.by_suffix.setdefault(".".join(parts[i:]), []).append(key)
+            stem = parts[:-1]
+            for i in range(len(stem)):
+                self.by_underscore.setdefault("_".join(stem[i:]), []).append(key)
+
+    def peft(self, path: str) -> list[str]:
+        target = path + ".weight"
+        if target in self.keys:
+            return [target]
+        # the base has a leading prefix the adapter lacks
+        found = set(self.by_suffix.get(target, ()))
+        # the adapter has a leading prefix the base lacks (most specific first)
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            candidate = ".".join(parts[i:]) + ".weight"
+            if candidate in self.keys:
+                found.add(candidate)
+                break
+        return sorted(found)
+
+    def kohya(self, name: str) -> list[str]:
+        for prefix in KOHYA_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+                break
+        return sorted(set(self.by_underscore.get(name, ())))
+
+
+# ---------------------------------------------------------------------------------------
+# Scaling
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the first pattern key that matches the end of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _component_config(config: dict | None, name: str) -> tuple[dict | None, str]:
+    """diffusers stores one config per pipeline component, keys prefixed ``unet.``…"""
+    if config is None or "r" in config or "lora_alpha" in config:
+        return config, name
+    component, _, rest = name.partition(".")
+    sub = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+    return (sub or None), rest
+
+
+def _peft_scale(config: dict | None, source: str, name: str, rank: int) -> tuple[float, str] | None:
+    config, module = _component_config(config, name)
+    if config is None:
+        return None
+    try:
+        r = int(_pattern_value(config.get("rank_pattern"), module, config["r"]))
+        alpha = float(_pattern_value(config.get("alpha_pattern"), module, config["lora_alpha"]))
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{source}: needs numeric 'r' and 'lora_alpha'") from None
+    if r != rank:
+        raise ShapeMismatch(f"{source}: says r={r} for {name}, but its LoRA tensors have rank {rank}")
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(r), f"{source} (lora_alpha={alpha:g}/sqrt(r={r}), rsLoRA)"
+    return alpha / r, f"{source} (lora_alpha={alpha:g}/r={r})"
+
+
+def _scalar(file: SafetensorsFile, key: str) -> float:
+    value = np.asarray(file.array(key), dtype=np.float64).ravel()
+    if value.size != 1:
+        raise ShapeMismatch(f"{file.path}: {key} should hold one number, holds {value.size}")
+    return float(value[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Shapes
+
+
+def _factor_shapes(pair: _Pair, file: SafetensorsFile) -> tuple[int, int, int, str]:
+    """(d, k, r, layout) of ΔW from the factor shapes, or ShapeMismatch."""
+    up = file.tensors[pair.up].shape
+    down = file.tensors[pair.down].shape
+    where = f"{file.path}: {pair.up} {list(up)} / {pair.down} {list(down)}"
+    if pair.embedding:
+        # lora_embedding_A is r × num_embeddings, lora_embedding_B is dim × r; ΔW = (B·A)ᵀ
+        if len(up) != 2 or len(down) != 2 or up[1] != down[0]:
+            raise ShapeMismatch(f"{where}: embedding factors do not chain")
+        return down[1], up[0], down[0], "embedding"
+    if len(up) == 2 and len(down) == 2:
+        if up[1] != down[0]:
+            raise ShapeMismatch(f"{where}: lora_B is d × r and lora_A is r × k, but the ranks differ")
+        return up[0], down[1], down[0], "linear"
+    if len(up) >= 3 and len(down) == len(up):
+        if math.prod(up[2:]) != 1 or up[1] != down[0]:
+            raise ShapeMismatch(f"{where}: unsupported convolution LoRA layout")
+        return up[0], math.prod(down[1:]), down[0], "conv"
+    raise ShapeMismatch(f"{where}: LoRA factors must both be 2-D (or both 4-D convolution kernels)")
+
+
+def _base_fit(shape: tuple[int, ...], d: int, k: int) -> tuple[bool, bool]:
+    """Whether a base tensor of ``shape`` is W0 as is, and whether it is W0ᵀ."""
+    if len(shape) > 2:
+        return (shape[0] == d and math.prod(shape[1:]) == k), False
+    if len(shape) != 2:
+        return False, False
+    return tuple(shape) == (d, k), tuple(shape) == (k, d)
+
+
+# ---------------------------------------------------------------------------------------
+# Putting it together
+
+
+def match_modules(
+    adapter: Adapter,
+    base: TensorIndex,
+    *,
+    alpha: float | None = None,
+    scaling: float | None = None,
+    allow_unmatched: bool = False,
+) -> tuple[list[LoraModule], list[Skipped], list[str]]:
+    """Find every LoRA pair in ``adapter`` and the base weight it updates.
+
+    Parameters
+    ----------
+    adapter : Adapter
+    base : TensorIndex
+    alpha, scaling : float, optional
+        Override the scaling: ``s = alpha / r`` or ``s = scaling`` for every module.
+    allow_unmatched : bool, default False
+        Report LoRA pairs with no base weight as warnings instead of an error.
+
+    Returns
+    -------
+    modules : list of LoraModule, sorted by name
+    skipped : list of Skipped, the adapter tensors that are not LoRA factors
+    warnings : list of str
+    """
+    file = adapter.file
+    pairs, skipped = _classify(file.keys())
+    warnings: list[str] = []
+    names = sorted({p.adapter_name for p in pairs.values() if p.adapter_name})
+    if len(names) > 1:
+        raise InputError(f"{file.path}: holds several adapters ({', '.join(names)}); save each on its own")
+    incomplete = [p for p in pairs.values() if not (p.up and p.down)]
+    for p in incomplete:
+        if p.up or p.down:
+            have, lack = (p.up, "lora_A/lora_down") if p.up else (p.down, "lora_B/lora_up")
+            raise MatchError(f"{file.path}: {have} has no matching {lack} tensor")
+        skipped.extend(Skipped(k, "alpha/magnitude without a LoRA pair") for k in (p.alpha, p.dora) if k)
+    pairs = {n: p for n, p in pairs.items() if p.up and p.down}
+    if not pairs:
+        raise NoLoraPairs(f"{file.path}: no LoRA A/B pairs found (expected lora_A/lora_B or lora_down/lora_up keys)")
+
+    lookup = _BaseNames(base.keys())
+    found: list[tuple[_Pair, str, int, int, int, str, bool, bool]] = []
+    unmatched: list[str] = []
+    for pair in sorted(pairs.values(), key=lambda p: p.name):
+        d, k, r, layout = _factor_shapes(pair, file)
+        candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
+        if len(candidates) > 1:
+            raise MatchError(f"{pair.down}: matches several base weights ({', '.join(candidates)}); refusing to guess")
+        if not candidates:
+            unmatched.append(pair.down)
+            continue
+        base_key = candidates[0]
+        _check_not_quantized(base, lookup.keys, base_key)
+        as_is, transposed = _base_fit(base.info(base_key).shape, d, k)
+        if not (as_is or transposed):
+            raise ShapeMismatch(
+                f"{pair.down}: ΔW is {d} × {k} (rank {r}) but base weight {base_key} is "
+                f"{list(base.info(base_key).shape)}"
+            )
+        found.append((pair, base_key, d, k, r, layout, as_is, transposed))
+    if unmatched:
+        listed = ", ".join(unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        message = f"{len(unmatched)} LoRA module(s) match no base weight in {base.path}: {listed}"
+        if not allow_unmatched:
+            raise MatchError(message)
+        warnings.append(message)
+    if not found:
+        raise NoLoraPairs(f"{file.path}: no LoRA pair matches a weight of {base.path}")
+
+    transpose_square = _conv1d_evidence(found, adapter.config)
+    modules = []
+    for pair, base_key, d, k, r, layout, as_is, transposed in found:
+        transpose = transposed and (not as_is or transpose_square.get(base_key, False))
+        scale, source = _scale(adapter, pair, r, alpha, scaling)
+        modules.append(LoraModule(
+            name=pair.name, base_key=base_key, up_key=pair.up, down_key=pair.down, layout=layout,
+            d=d, k=k, r=r, scale=scale, scale_source=source, transpose_base=transpose,
+            dora_key=pair.dora, alpha_key=pair.alpha,
+        ))
+    if any(m.dora_key for m in modules):
+        warnings.append("DoRA adapter: the magnitude vectors are not scored, only the low-rank update s·B·A")
+    if any(m.scale_source.startswith("default") for m in modules) and alpha is None and scaling is None:
+        warnings.append("no adapter_config.json or .alpha tensors: scaling s = 1 assumed (pass --alpha or --scaling)")
+    return modules, skipped, warnings
+
+
+def _check_not_quantized(base: TensorIndex, keys: set, base_key: str) -> None:
+    stem = base_key.removesuffix(".weight")
+    for suffix in _QUANT_SIBLINGS:
+        if stem + suffix in keys:
+            raise QuantizedBase(
+                f"{base_key}: the base weight is quantized ({stem + suffix} beside it); "
+                "score against the unquantized base checkpoint"
+            )
+    dtype = base.info(base_key).dtype
+    if dtype not in FLOAT_DTYPES:
+        raise QuantizedBase(f"{base_key}: base weight has dtype {dtype}, a quantized or non-float format")
+
+
+def _conv1d_evidence(found, config) -> dict[str, bool]:
+    """For square weights the shape cannot tell a GPT-2 Conv1D (stored k × d) from a Linear.
+
+    Decide as PEFT does, by the layer's type, inferred from non-square weights of the same
+    kind in the same checkpoint; failing that, of any kind; failing that, the adapter's
+    ``fan_in_fan_out``, then the Conv1D layer names of GPT-2.
+    """
+    by_kind: dict[str, set[bool]] = {}
+    for _, base_key, d, k, _, _, as_is, transposed in found:
+        if as_is != transposed:
+            by_kind.setdefault(base_key.rsplit(".", 2)[-2], set()).add(transposed)
+    overall = set().union(*by_kind.values()) if by_kind else set()
+    decision = {}
+    for _, base_key, d, k, _, _, as_is, transposed in found:
+        if not (as_is and transposed):
+            continue
+        kind = base_key.rsplit(".", 2)[-2]
+        evidence = by_kind.get(kind) if len(by_kind.get(kind, ())) == 1 else (overall if len(overall) == 1 else None)
+        if evidence:
+            decision[base_key] = next(iter(evidence))
+        elif config is not None and "fan_in_fan_out" in config:
+            decision[base_key] = bool(config["fan_in_fan_out"])
+        else:
+            decision[base_key] = kind in _CONV1D_NAMES
+    return decision
+
+
+def _scale(adapter: Adapter, pair: _Pair, rank: int, alpha: float | None, scaling: float | None) -> tuple[float, str]:
+    if scaling is not None:
+        return float(scaling), f"--scaling {scaling:g}"
+    if alpha is not None:
+        return alpha / rank, f"--alpha {alpha:g} / r={rank}"
+    if pair.style == "kohya":
+        if pair.alpha:
+            a = _scalar(adapter.file, pair.alpha)
+            return a / rank, f"{pair.alpha} (alpha={a:g}/r={rank})"
+        return 1.0, "default (no .alpha tensor: alpha = r)"
+    scale = _peft_scale(adapter.config, adapter.config_source or "", pair.name, rank)
+    if scale is None:
+        return 1.0, "default (no adapter config)"
+    return scale
+
+
+# ---------------------------------------------------------------------------------------
+# Tensors of one module
+
+
+def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray, np.ndarray]:
+    """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
+    up = np.asarray(file.array(module.up_key), dtype=np.float64)
+    down = np.asarray(file.array(module.down_key), dtype=np.float64)
+    if module.layout == "embedding":
+        return down.T, up.T
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+
+def base_matrix(module: LoraModule, base: TensorIndex) -> np.ndarray:
+    """W0 as a d × k view of the mapped base tensor (file dtype, nothing read yet)."""
+    w0 = base.array(module.base_key)
+    if module.transpose_base:
+        return w0.T
+    return w0.reshape(w0.shape[0], -1)
+
+
+def dense_delta(module: LoraModule, file: SafetensorsFile) -> np.ndarray:
+    """ΔW = s · up · down as a dense float64 d × k matrix (for checks and small modules)."""
+    up, down = lora_factors(module, file)
+    return module.scale * (up @ down)

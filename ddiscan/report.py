@@ -1,0 +1,167 @@
+"""The scan's result: a versioned report, its JSON form and schema, and its renderings.
+
+The JSON report's fields are documented in the README ("The JSON report") and fixed by
+``report.schema.json``, which ships in the package; ``schema_version`` changes whenever a
+field's meaning does.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+
+import numpy as np
+
+__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "load_schema", "render", "FORMATS"]
+
+SCHEMA_VERSION = 1
+FORMATS = ("table", "json", "csv", "markdown")
+
+
+@dataclass(frozen=True)
+class ModuleScore:
+    """The scores of one LoRA-updated module (SPEC.md §2–3). Scores are None when ``finite``
+    is False (NaN or Inf in the module's tensors)."""
+
+    name: str
+    base_key: str
+    kind: str
+    block: int | None
+    layout: str
+    d: int
+    k: int
+    r: int
+    t: int
+    scale: float
+    scale_source: str
+    transposed: bool
+    dora: bool
+    finite: bool
+    sharpness: float | None = None
+    deviation: float | None = None
+    magnitude: float | None = None
+    magnitude_norm: float | None = None
+    ddi: float | None = None
+    ddi_raw: float | None = None
+    ddi_norm: float | None = None
+    delta_norm: float | None = None
+    base_norm: float | None = None
+
+
+def summarize(scores) -> dict:
+    """Count, non-finite count, and min / quartiles / max of DDI over finite modules."""
+    values = np.array([s.ddi for s in scores if s.finite], dtype=np.float64)
+    summary = {"modules": len(scores), "non_finite": sum(not s.finite for s in scores), "ddi": None}
+    if values.size:
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        summary["ddi"] = {
+            "min": float(values.min()), "q1": float(q1), "median": float(median),
+            "q3": float(q3), "max": float(values.max()),
+        }
+    return summary
+
+
+@dataclass
+class Report:
+    """A scan's full result; ``to_dict`` is the JSON report."""
+
+    schema_version: int
+    ddiscan_version: str
+    method: str
+    inputs: dict
+    parameters: dict
+    modules: list[ModuleScore]
+    skipped: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+    @staticmethod
+    def ranked(scores) -> list[ModuleScore]:
+        """Highest DDI first; ties by name; non-finite modules last."""
+        return sorted(scores, key=lambda s: (not s.finite, -(s.ddi or 0.0), s.name))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["modules"] = [
+            dict(asdict(m), rank=i + 1 if m.finite else None) for i, m in enumerate(self.modules)
+        ]
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        names = {f.name for f in fields(ModuleScore)}
+        modules = [ModuleScore(**{k: v for k, v in m.items() if k in names}) for m in data["modules"]]
+        return cls(**{**data, "modules": modules})
+
+
+def load_schema() -> dict:
+    """The JSON Schema every report validates against."""
+    return json.loads(resources.files("ddiscan").joinpath("report.schema.json").read_text(encoding="utf-8"))
+
+
+# ---------------------------------------------------------------------------------------
+# Renderings
+
+COLUMNS = ("rank", "module", "kind", "block", "d", "k", "r", "t", "S", "O", "M_norm", "DDI", "DDI_norm")
+
+
+def _number(value) -> str:
+    return "nan" if value is None else f"{value:.6g}"
+
+
+def _rows(report: Report):
+    for i, m in enumerate(report.modules):
+        yield (
+            str(i + 1) if m.finite else "-", m.name, m.kind, "" if m.block is None else str(m.block),
+            str(m.d), str(m.k), str(m.r), str(m.t),
+            _number(m.sharpness), _number(m.deviation), _number(m.magnitude_norm),
+            _number(m.ddi), _number(m.ddi_norm),
+        )
+
+
+def _table(report: Report) -> str:
+    rows = [COLUMNS, *_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    left = {1, 2}
+    lines = []
+    for row in rows:
+        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    s = report.summary
+    footer = f"{s['modules']} modules"
+    if s.get("ddi"):
+        q = s["ddi"]
+        footer += (f"; DDI min {_number(q['min'])}, median {_number(q['median'])}, "
+                   f"max {_number(q['max'])}")
+    if s.get("non_finite"):
+        footer += f"; {s['non_finite']} not finite"
+    return "\n".join(lines) + "\n" + footer + "\n"
+
+
+def _csv(report: Report) -> str:
+    out = io.StringIO()
+    names = [f.name for f in fields(ModuleScore)]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["rank", *names])
+    for i, m in enumerate(report.modules):
+        values = asdict(m)
+        writer.writerow([i + 1 if m.finite else "", *("" if values[n] is None else values[n] for n in names)])
+    return out.getvalue()
+
+
+def _markdown(report: Report) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c not in ("module", "kind") else ":---" for c in COLUMNS) + "|"]
+    for row in _rows(report):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report as ``table``, ``json``, ``csv`` or ``markdown`` text."""
+    return {"table": _table, "json": Report.to_json, "csv": _csv, "markdown": _markdown}[fmt](report)
