@@ -45,9 +45,10 @@ def _array_namespace(device: str):
 
 
 def to_float32(array: np.ndarray) -> np.ndarray:
-    """A float32 copy of a mapped tensor (bfloat16 widened by a bit shift, exactly)."""
+    """A mapped tensor as float32: float32 is used in place (no copy); other dtypes are
+    converted once (bfloat16 widened exactly by a bit shift)."""
     if array.dtype == np.float32:
-        return np.array(array, dtype=np.float32)
+        return np.asarray(array)
     if array.dtype.name == "bfloat16":
         widened = array.view(np.uint16).astype(np.uint32)
         widened <<= 16

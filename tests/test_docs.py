@@ -1,0 +1,62 @@
+"""The man page and the README cannot drift from the click definitions."""
+
+import re
+from pathlib import Path
+
+import click
+
+from ddiscan.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+MAN = (ROOT / "man" / "ddiscan.1").read_text(encoding="utf-8")
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def _options(command: click.Command) -> set[str]:
+    names = set()
+    for param in command.params:
+        if isinstance(param, click.Option):
+            names.update(o for o in param.opts if o.startswith("--"))
+    return names - {"--help"}
+
+
+def _man_options(text: str) -> set[str]:
+    return {m.replace("\\-", "-") for m in re.findall(r"\\-\\-[a-z](?:[a-z\\-]*[a-z])?", text)}
+
+
+def test_every_report_option_is_in_the_man_page_and_readme():
+    options = _options(cli.commands["report"])
+    assert options, "no options found"
+    man = _man_options(MAN)
+    assert sorted(o for o in options if o not in man) == []
+    assert sorted(o for o in options if not re.search(rf"`(-\w, )?{o}\b", README)) == []
+
+
+def test_man_page_names_no_option_the_code_lacks():
+    known = _options(cli.commands["report"]) | {"--version", "--help"}
+    assert sorted(_man_options(MAN) - known) == []
+
+
+def test_every_command_has_a_man_section():
+    for name in cli.commands:
+        assert f".SS {name}" in MAN
+
+
+def test_exit_codes_agree():
+    from ddiscan import errors
+
+    codes = {cls.exit_code for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.DdiscanError)}
+    for code in codes:
+        assert re.search(rf"^\| {code} \|", README, re.M), code
+        assert f".B {code}\n" in MAN, code
+
+
+def test_man_page_renders_without_warnings():
+    import shutil
+    import subprocess
+
+    groff = shutil.which("groff")
+    assert groff, "groff is needed (.ci/run installs groff-base)"
+    result = subprocess.run([groff, "-man", "-ww", "-z", str(ROOT / "man" / "ddiscan.1")],
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (0, "")
