@@ -6,15 +6,19 @@ stderr and the exit code its class names (set DDISCAN_DEBUG=1 for the traceback)
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from ._version import __version__
-from .errors import DdiscanError
+from .errors import DdiscanError, InputError
 from .io.writer import refuse_input_as_output, write_atomic
 from .report import FORMATS, render
+from .prune import prune as prune_adapter
+from .rewrite import MODES
 from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan
 
 __all__ = ["cli", "main"]
@@ -107,6 +111,78 @@ def report(base, adapter, fmt, output, quiet, **kwargs):
         write_atomic(output, text.encode("utf-8"))
         if not quiet:
             click.echo(f"wrote {output} ({len(result.modules)} modules)", err=True)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str))
+@scan_options
+@click.option("--top", type=click.IntRange(min=0), default=None, help="Prune the TOP modules with the largest DDI.")
+@click.option("--theta", type=float, default=None, help="Prune every module with DDI >= THETA.")
+@click.option("--theta-norm", type=float, default=None, help="Prune every module with DDI_norm >= THETA_NORM.")
+@click.option("--mode", type=click.Choice(MODES), default="zero", show_default=True,
+              help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors.")
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+              help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
+@click.option("--from-report", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Take the scores from an earlier JSON report instead of scanning BASE.")
+@click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Write the JSON report, each module marked kept or pruned.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
+def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, quiet, **kwargs):
+    """Write ADAPTER with the updates of the highest-DDI modules removed.
+
+    Select by exactly one of --top, --theta, --theta-norm (ties broken by module name).
+    With --from-report, BASE is not read; ADAPTER defaults to the report's adapter.
+    """
+    if from_report is not None and len(paths) <= 1:
+        base = None
+        adapter = paths[0] if paths else _report_adapter(from_report)
+    elif len(paths) == 2:
+        base, adapter = paths
+    else:
+        raise click.UsageError("give BASE and ADAPTER (or --from-report REPORT [ADAPTER])")
+    inputs = [p for p in (base, adapter, from_report) if p]
+    for out in (output, report_out):
+        if out is not None:
+            refuse_input_as_output(out, inputs)
+    result = prune_adapter(
+        base, adapter, output, top=top, theta=theta, theta_norm=theta_norm, mode=mode, force=force,
+        dry_run=dry_run, from_report=from_report,
+        **({} if from_report else {"progress": not quiet and sys.stderr.isatty(), **_scan_kwargs(kwargs)}),
+    )
+    if not quiet:
+        for warning in result.report.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    finite = [m for m in result.report.modules if m.finite]
+    chosen = result.selection.modules
+    if result.selection.rule != "top" and finite and len(chosen) in (0, len(finite)):
+        what = "no module" if not chosen else "every module"
+        click.echo(f"warning: {result.selection.describe()} selects {what}; DDI ranges from "
+                   f"{min(m.ddi for m in finite):.6g} to {max(m.ddi for m in finite):.6g} "
+                   f"(DDI_norm {min(m.ddi_norm for m in finite):.6g} to {max(m.ddi_norm for m in finite):.6g})",
+                   err=True)
+    rank = {m.name: i + 1 for i, m in enumerate(result.report.modules)}
+    click.echo(f"selected {len(chosen)} of {len(result.report.modules)} modules ({result.selection.describe()}):")
+    for m in chosen:
+        click.echo(f"  {rank[m.name]:>4}  {m.name}  DDI {m.ddi:.6g}")
+    if report_out is not None:
+        write_atomic(report_out, (json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    if result.written is not None:
+        w = result.written
+        share = 100.0 * w["parameters_removed"] / w["parameters_total"] if w["parameters_total"] else 0.0
+        click.echo(f"wrote {output} ({mode} mode; removed {w['parameters_removed']} of "
+                   f"{w['parameters_total']} LoRA parameters, {share:.2f}%)")
+    else:
+        click.echo("dry run: nothing written")
+
+
+def _report_adapter(path: str) -> str:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["inputs"]["adapter"]["path"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
 
 
 def main():

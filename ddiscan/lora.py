@@ -32,7 +32,7 @@ from .io.index import TensorIndex
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
 
 __all__ = [
-    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "dense_delta",
+    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "dense_delta", "module_keys",
 ]
 
 PEFT_PREFIX = "base_model.model."
@@ -514,3 +514,13 @@ def dense_delta(module: LoraModule, file: SafetensorsFile) -> np.ndarray:
     """ΔW = s · up · down as a dense float64 d × k matrix (for checks and small modules)."""
     up, down = lora_factors(module, file)
     return module.scale * (up @ down)
+
+
+def module_keys(file: SafetensorsFile) -> dict[str, dict[str, list[str]]]:
+    """Each LoRA module's adapter keys: ``factors`` (A/B or down/up) and ``extra`` (DoRA
+    magnitude, kohya alpha), by module name, read from the key names alone (no base)."""
+    pairs, _ = _classify(file.keys())
+    return {
+        name: {"factors": [p.down, p.up], "extra": [k for k in (p.dora, p.alpha) if k]}
+        for name, p in pairs.items() if p.up and p.down
+    }

@@ -97,7 +97,8 @@ class Report:
     def from_dict(cls, data: dict) -> "Report":
         names = {f.name for f in fields(ModuleScore)}
         modules = [ModuleScore(**{k: v for k, v in m.items() if k in names}) for m in data["modules"]]
-        return cls(**{**data, "modules": modules})
+        own = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in data.items() if k in own}, "modules": modules})
 
 
 def load_schema() -> dict:

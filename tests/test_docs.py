@@ -24,16 +24,20 @@ def _man_options(text: str) -> set[str]:
     return {m.replace("\\-", "-") for m in re.findall(r"\\-\\-[a-z](?:[a-z\\-]*[a-z])?", text)}
 
 
-def test_every_report_option_is_in_the_man_page_and_readme():
-    options = _options(cli.commands["report"])
-    assert options, "no options found"
+def _all_options() -> set[str]:
+    return set().union(*(_options(c) for c in cli.commands.values()))
+
+
+def test_every_option_is_in_the_man_page_and_readme():
+    options = _all_options()
+    assert {"--t", "--exact", "--top", "--mode"} <= options
     man = _man_options(MAN)
     assert sorted(o for o in options if o not in man) == []
     assert sorted(o for o in options if not re.search(rf"`(-\w, )?{o}\b", README)) == []
 
 
 def test_man_page_names_no_option_the_code_lacks():
-    known = _options(cli.commands["report"]) | {"--version", "--help"}
+    known = _all_options() | {"--version", "--help"}
     assert sorted(_man_options(MAN) - known) == []
 
 

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
 
-__all__ = ["write_atomic", "refuse_input_as_output"]
+def default_mode(directory: bool = False) -> int:
+    """The permissions a new file (or directory) gets under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+__all__ = ["default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry", "write_safetensors"]
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -28,10 +39,17 @@ def refuse_input_as_output(output, inputs) -> None:
 
 
 def write_atomic(path, data: bytes, *, force: bool = True) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory.
+    """Write ``data`` to ``path`` atomically (see :func:`write_atomic_stream`)."""
+    write_atomic_stream(path, lambda f: f.write(data), force=force)
 
-    The temporary file is fsynced, then renamed over ``path``, then the directory is
-    fsynced: a reader sees the old file or the complete new one, never a partial one.
+
+def write_atomic_stream(path, fill, *, force: bool = True) -> None:
+    """Write to ``path`` through a temporary file in the same directory.
+
+    ``fill(f)`` writes the content to the binary file object ``f``. The temporary file is
+    fsynced, then renamed over ``path``, then the directory is fsynced: a reader sees the
+    old file or the complete new one, never a partial one, and a failure leaves no
+    temporary file behind.
     """
     path = Path(path)
     if not force and path.exists():
@@ -42,17 +60,20 @@ def write_atomic(path, data: bytes, *, force: bool = True) -> None:
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
+        os.chmod(tmp, default_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            fill(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -61,3 +82,44 @@ def write_atomic(path, data: bytes, *, force: bool = True) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+@dataclass(frozen=True)
+class SafetensorsEntry:
+    """One tensor to write: ``chunks()`` yields its bytes, ``nbytes`` in all."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunks: Callable[[], Iterable[bytes]]
+
+
+def write_safetensors(path, entries, metadata: dict[str, str] | None, *, force: bool = True) -> None:
+    """Stream tensors into a safetensors file, in the order given, atomically.
+
+    Only one chunk of one tensor is in memory at a time. The header is padded with
+    spaces to a multiple of 8 bytes, as the safetensors library writes it.
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for e in entries:
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+
+    def fill(f):
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for e in entries:
+            written = 0
+            for chunk in e.chunks():
+                f.write(chunk)
+                written += len(chunk)
+            if written != e.nbytes:
+                raise OutputError(f"{path}: tensor {e.name!r} produced {written} bytes, expected {e.nbytes}")
+
+    write_atomic_stream(path, fill, force=force)

@@ -1,0 +1,103 @@
+"""Scan (or read an earlier report), select modules, and write the pruned adapter."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, UsageError
+from .io.index import TensorIndex
+from .lora import Adapter, base_matrix, load_adapter, match_modules
+from .report import Report
+from .rewrite import rewrite_adapter
+from .scan import _sha256, scan
+from .select import Selection, select
+
+__all__ = ["PruneResult", "prune", "load_report"]
+
+
+@dataclass
+class PruneResult:
+    """The scan, the selection, and what the rewrite removed (None for a dry run)."""
+
+    report: Report
+    selection: Selection
+    mode: str
+    written: dict | None
+
+    def to_dict(self) -> dict:
+        data = self.report.to_dict()
+        pruned = set(self.selection.names)
+        for row in data["modules"]:
+            row["action"] = "pruned" if row["name"] in pruned else "kept"
+        data["selection"] = {
+            "rule": self.selection.rule, "value": self.selection.value, "mode": self.mode,
+            "pruned": self.selection.names, "dry_run": self.written is None,
+        }
+        if self.written is not None:
+            total, removed = self.written["parameters_total"], self.written["parameters_removed"]
+            data["selection"].update(
+                parameters_total=total, parameters_removed=removed,
+                percent_parameters_removed=100.0 * removed / total if total else 0.0,
+            )
+        return data
+
+
+def load_report(path, adapter: Adapter) -> Report:
+    """An earlier JSON report, checked against the adapter now on disk (size and sha256)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        report = Report.from_dict(data)
+        recorded = data["inputs"]["adapter"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
+    file = adapter.file.path
+    if recorded.get("size") != file.stat().st_size or recorded.get("sha256") != _sha256(file):
+        raise InputError(f"{path}: was made from a different adapter than {file} (size or sha256 differ); scan again")
+    return report
+
+
+def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.ndarray]:
+    """Row norms of W0 for the DoRA modules among ``names``: the magnitude that makes them a no-op."""
+    if base is None:
+        return {}
+    index = base if isinstance(base, TensorIndex) else TensorIndex(base)
+    modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
+    magnitudes = {}
+    for m in modules:
+        if m.name in names and m.dora_key:
+            w0 = np.asarray(base_matrix(m, index), dtype=np.float64)
+            magnitudes[m.dora_key] = np.sqrt(np.sum(w0 * w0, axis=1))
+    return magnitudes
+
+
+def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, mode: str = "zero",
+          force: bool = False, dry_run: bool = False, from_report=None, **scan_options) -> PruneResult:
+    """Select modules by one rule and write ``adapter`` with their updates removed.
+
+    ``base`` may be None with ``from_report`` (the scores come from the report), unless a
+    selected module is DoRA in zero mode. ``scan_options`` are passed to :func:`ddiscan.scan`.
+    """
+    adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    if from_report is not None:
+        report = load_report(from_report, adapter_obj)
+    elif base is None:
+        raise UsageError("give BASE, or --from-report REPORT")
+    else:
+        report = scan(base, adapter_obj, **scan_options)
+    selection = select(report.modules, top=top, theta=theta, theta_norm=theta_norm)
+    if dry_run:
+        return PruneResult(report, selection, mode, None)
+    if output is None:
+        raise UsageError("give -o/--output (or --dry-run)")
+    names = set(selection.names)
+    magnitudes = _dora_magnitudes(adapter_obj, base, names) if mode == "zero" else {}
+    written = rewrite_adapter(
+        adapter_obj, selection.names, output, mode=mode, dora_magnitudes=magnitudes, force=force,
+        metadata={"ddiscan.selection": json.dumps({"rule": selection.rule, "value": selection.value}),
+                  "ddiscan.parameters": json.dumps(report.parameters, sort_keys=True)},
+    )
+    return PruneResult(report, selection, mode, written)

@@ -1,0 +1,212 @@
+"""A pruned copy of an adapter: the selected modules' updates removed, every other byte kept.
+
+``zero`` mode keeps every key, shape and dtype and writes zeros for the pruned modules'
+LoRA factors (ΔW = 0; all-zero bytes are +0.0 in every float format). A DoRA module is
+a no-op only when its magnitude vector equals the row norms of W0, so those are reset
+too. ``drop`` mode removes the pruned modules' tensors, and for a PEFT directory adds
+them to ``exclude_modules`` in ``adapter_config.json`` so PEFT does not expect them.
+
+Tensors stream from the source file's memory map to the output, in the source's order,
+one chunk at a time; untouched tensors are copied byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+from .errors import InputError, OutputError, UsageError
+from .io.reader import NUMPY_DTYPES, SafetensorsFile
+from .io.writer import SafetensorsEntry, default_mode, write_atomic, write_safetensors
+from .lora import Adapter, module_keys
+
+__all__ = ["rewrite_adapter", "MODES"]
+
+MODES = ("zero", "drop")
+_CHUNK = 1 << 22
+
+
+def _copy_chunks(file: SafetensorsFile, name: str):
+    info = file.tensors[name]
+
+    def chunks():
+        with open(file.path, "rb") as f:
+            f.seek(info.start)
+            left = info.end - info.start
+            while left:
+                chunk = f.read(min(_CHUNK, left))
+                if not chunk:
+                    raise InputError(f"{file.path}: ended inside tensor {name!r}")
+                left -= len(chunk)
+                yield chunk
+
+    return chunks
+
+
+def _zero_chunks(nbytes: int):
+    def chunks():
+        left = nbytes
+        while left:
+            n = min(_CHUNK, left)
+            left -= n
+            yield bytes(n)
+
+    return chunks
+
+
+def _array_chunks(array: np.ndarray):
+    return lambda: iter([np.ascontiguousarray(array).tobytes()])
+
+
+def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replaced: dict[str, np.ndarray]):
+    entries = []
+    for info in sorted(file.tensors.values(), key=lambda i: i.start):
+        if info.name in dropped:
+            continue
+        nbytes = info.end - info.start
+        if info.name in replaced:
+            value = np.asarray(replaced[info.name]).astype(NUMPY_DTYPES[info.dtype]).reshape(info.shape)
+            source = _array_chunks(value)
+        elif info.name in zeroed:
+            source = _zero_chunks(nbytes)
+        else:
+            source = _copy_chunks(file, info.name)
+        entries.append(SafetensorsEntry(info.name, info.dtype, info.shape, nbytes, source))
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _exclude(config: dict, names: list[str]) -> dict:
+    """Add ``names`` (full module paths) to PEFT's ``exclude_modules``."""
+    config = dict(config)
+    current = config.get("exclude_modules")
+    if isinstance(current, str):
+        config["exclude_modules"] = "|".join([f"(?:{current})", *(re.escape(n) for n in names)])
+    else:
+        config["exclude_modules"] = sorted(set(current or []) | set(names))
+    return config
+
+
+def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = "zero",
+                    dora_magnitudes: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
+                    force: bool = False) -> dict:
+    """Write ``adapter`` with the updates of the modules named in ``pruned`` removed.
+
+    Parameters
+    ----------
+    adapter : Adapter
+    pruned : list of str
+        Module names, as in the report.
+    output : path-like
+        A directory when ``adapter.path`` is a PEFT directory, else a file.
+    mode : {"zero", "drop"}
+    dora_magnitudes : dict, optional
+        For DoRA modules in zero mode: magnitude key → row norms of W0.
+    metadata : dict of str, optional
+        Added to the file's ``__metadata__`` (which is otherwise kept).
+    force : bool
+        Replace an existing output.
+
+    Returns
+    -------
+    dict
+        ``parameters_total``, ``parameters_removed`` (LoRA factor entries) and the keys
+        zeroed or dropped.
+    """
+    if mode not in MODES:
+        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+    file = adapter.file
+    keys = module_keys(file)
+    unknown = [n for n in pruned if n not in keys]
+    if unknown:
+        raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
+    factor_keys = {k for ks in keys.values() for k in ks["factors"]}
+    zeroed, dropped, replaced = set(), set(), {}
+    for name in pruned:
+        if mode == "drop":
+            dropped.update(keys[name]["factors"] + keys[name]["extra"])
+        else:
+            zeroed.update(keys[name]["factors"])
+            for key in keys[name]["extra"]:
+                if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale")):
+                    if not dora_magnitudes or key not in dora_magnitudes:
+                        raise UsageError(f"{key}: pruning a DoRA module in zero mode needs the base (to reset its magnitude)")
+                    replaced[key] = dora_magnitudes[key]
+    if mode == "drop" and len(pruned) == len(keys):
+        raise UsageError("--mode drop would remove every LoRA module; use --mode zero")
+    total = sum(file.tensors[k].numel for k in factor_keys)
+    removed = sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
+
+    meta = dict(file.metadata or {})
+    meta.update({
+        "ddiscan.version": __version__,
+        "ddiscan.mode": mode,
+        "ddiscan.pruned": json.dumps(sorted(pruned)),
+        "ddiscan.source_sha256": _sha256(file.path),
+        **(metadata or {}),
+    })
+    entries = _entries(file, zeroed, dropped, replaced)
+    output = Path(output)
+    if adapter.path.is_dir():
+        _write_directory(adapter, output, entries, meta, mode, pruned, force)
+    else:
+        write_safetensors(output, entries, meta, force=force)
+    return {
+        "parameters_total": total,
+        "parameters_removed": removed,
+        "zeroed": sorted(zeroed | set(replaced)),
+        "dropped": sorted(dropped),
+    }
+
+
+def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned, force: bool) -> None:
+    """Build the output directory beside its final place, then rename it into place."""
+    if output.exists() and not force:
+        raise UsageError(f"{output}: exists (use --force to replace it)")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: exists and is not a directory")
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".ddiscan-tmp", dir=parent))
+        os.chmod(staging, default_mode(directory=True))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    try:
+        for item in sorted(adapter.path.iterdir()):
+            if item.name == adapter.file.path.name or not item.is_file():
+                continue
+            if item.name == "adapter_config.json" and mode == "drop" and adapter.config is not None:
+                config = _exclude(adapter.config, pruned)
+                write_atomic(staging / item.name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+                continue
+            shutil.copy2(item, staging / item.name)
+            with open(staging / item.name, "rb") as f:
+                os.fsync(f.fileno())
+        write_safetensors(staging / adapter.file.path.name, entries, meta)
+        if output.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".ddiscan-old", dir=parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from None
+        raise
