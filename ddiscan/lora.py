@@ -333,6 +333,13 @@ def _factor_shapes(pair: _Pair, file: SafetensorsFile) -> tuple[int, int, int, s
     raise ShapeMismatch(f"{where}: LoRA factors must both be 2-D (or both 4-D convolution kernels)")
 
 
+def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, int, str]:
+    d, k, r, layout = shapes
+    if min(d, k, r) == 0:
+        raise ShapeMismatch(f"{where}: empty LoRA factors (d={d}, k={k}, rank {r})")
+    return shapes
+
+
 def _base_fit(shape: tuple[int, ...], d: int, k: int) -> tuple[bool, bool]:
     """Whether a base tensor of ``shape`` is W0 as is, and whether it is W0ᵀ."""
     if len(shape) > 2:
@@ -391,7 +398,7 @@ def match_modules(
     found: list[tuple[_Pair, str, int, int, int, str, bool, bool]] = []
     unmatched: list[str] = []
     for pair in sorted(pairs.values(), key=lambda p: p.name):
-        d, k, r, layout = _factor_shapes(pair, file)
+        d, k, r, layout = _nonempty(_factor_shapes(pair, file), f"{file.path}: {pair.down}")
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
         if len(candidates) > 1:
             raise MatchError(f"{pair.down}: matches several base weights ({', '.join(candidates)}); refusing to guess")
@@ -454,8 +461,8 @@ def _conv1d_evidence(found, config) -> dict[str, bool]:
     ``fan_in_fan_out``, then the Conv1D layer names of GPT-2.
     """
     by_kind: dict[str, set[bool]] = {}
-    for _, base_key, d, k, _, _, as_is, transposed in found:
-        if as_is != transposed:
+    for _, base_key, d, k, _, layout, as_is, transposed in found:
+        if layout == "linear" and as_is != transposed:  # embeddings and convs are never Conv1D
             by_kind.setdefault(base_key.rsplit(".", 2)[-2], set()).add(transposed)
     overall = set().union(*by_kind.values()) if by_kind else set()
     decision = {}

@@ -35,7 +35,7 @@ class ModuleScore:
     k: int
     r: int
     t: int
-    scale: float
+    scale: float | None
     scale_source: str
     transposed: bool
     dora: bool

@@ -70,6 +70,8 @@ def score_module(module: LoraModule, up, down, w0, *, t: int, oversample: int, p
         layout=module.layout, d=module.d, k=module.k, r=module.r, t=t, scale=module.scale,
         scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
     )
+    if not math.isfinite(module.scale):  # a NaN/Inf kohya .alpha or config lora_alpha
+        return ModuleScore(**{**fields, "scale": None}, finite=False)
     base_norm = spectral.frobenius_norm(w0, xp=xp)
     if not (bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))) and math.isfinite(base_norm)):
         return ModuleScore(**fields, finite=False)
@@ -167,6 +169,9 @@ def scan(
         raise UsageError("--oversample and --power-iters must be non-negative")
     if magnitude not in ("bounded", "raw"):
         raise UsageError(f"--magnitude must be 'bounded' or 'raw', not {magnitude!r}")
+    for flag, value in (("--alpha", alpha), ("--scaling", scaling)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, not {value}")
     if alpha is not None and scaling is not None:
         raise UsageError("give --alpha or --scaling, not both")
     xp = _array_namespace(device)

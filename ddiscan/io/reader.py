@@ -73,10 +73,14 @@ def check_not_pickle(path: Path) -> None:
     head = b""
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError:
         pass
-    if path.suffix in _PICKLE_SUFFIXES or head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+    # a safetensors header of 640, 896, 1152, 1408 or 19280 bytes makes the 8-byte length
+    # prefix start with a pickle/zip magic; the '{' that opens its JSON tells them apart
+    looks_safetensors = head[8:9] == b"{"
+    magic = head[:2] in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+    if path.suffix in _PICKLE_SUFFIXES or (magic and not looks_safetensors):
         raise PickleRefused(
             f"{path}: a pickled PyTorch checkpoint; ddiscan never unpickles files, because "
             "unpickling runs arbitrary code from the file. Convert it to safetensors first."
@@ -189,7 +193,7 @@ class SafetensorsFile:
             raise InputError(f"{self.path}: is a directory") from None
         except OSError as exc:
             raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
-        if not raw.startswith(b"{"):
+        if not raw.lstrip().startswith(b"{"):
             raise NotSafetensors(f"{self.path}: not a safetensors file (header does not start with '{{')")
         self.data_offset = 8 + header_size
         tensors, self.metadata = _parse_header(raw, self.path, self.size - self.data_offset)
