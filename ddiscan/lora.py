@@ -201,6 +201,8 @@ def _classify(keys) -> tuple[dict[str, _Pair], list[Skipped]]:
                 skipped.append(Skipped(key, "not LoRA (LyCORIS/OFT tensor)"))
             elif "trainable_tokens" in key or "token_adapter" in key:
                 skipped.append(Skipped(key, "trainable tokens"))
+            elif ".base_layer." in key:
+                skipped.append(Skipped(key, "full weight (base layer saved by PEFT)"))
             elif "modules_to_save" in key or key.startswith(PEFT_PREFIX):
                 skipped.append(Skipped(key, "full weight (modules_to_save)"))
             else:
@@ -400,6 +402,11 @@ def match_modules(
     for pair in sorted(pairs.values(), key=lambda p: p.name):
         d, k, r, layout = _nonempty(_factor_shapes(pair, file), f"{file.path}: {pair.down}")
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
+        if not candidates and pair.name.rsplit(".", 1)[-1] == "lm_head":
+            candidates = _tied_embedding(base, lookup, d, k)
+            if len(candidates) == 1:
+                warnings.append(f"{pair.name}: no lm_head weight in the base; scored against the tied "
+                                f"input embedding {candidates[0]}")
         if len(candidates) > 1:
             raise MatchError(f"{pair.down}: matches several base weights ({', '.join(candidates)}); refusing to guess")
         if not candidates:
@@ -438,6 +445,17 @@ def match_modules(
     if any(m.scale_source.startswith("default") for m in modules) and alpha is None and scaling is None:
         warnings.append("no adapter_config.json or .alpha tensors: scaling s = 1 assumed (pass --alpha or --scaling)")
     return modules, skipped, warnings
+
+
+_EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
+
+
+def _tied_embedding(base: TensorIndex, lookup: _BaseNames, d: int, k: int) -> list[str]:
+    """Checkpoints with tied embeddings store no lm_head: its weight is the input embedding."""
+    return sorted(
+        key for key in lookup.keys
+        if key.endswith(_EMBEDDING_NAMES) and tuple(base.info(key).shape) == (d, k)
+    )
 
 
 def _check_not_quantized(base: TensorIndex, keys: set, base_key: str) -> None:

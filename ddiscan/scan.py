@@ -27,7 +27,7 @@ __all__ = ["scan", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
 
 # Chosen from benchmarks/power_iters.py on the real all-MiniLM-L6-v2 weights: see README
 # ("How the defaults were chosen") and benchmarks/POWER_ITERS.md.
-DEFAULT_POWER_ITERS = 2
+DEFAULT_POWER_ITERS = 4
 DEFAULT_OVERSAMPLE = 8
 
 
@@ -138,7 +138,7 @@ def scan(
         Use t = ceil(t_mult · r) instead (2 is the paper's robust variant).
     oversample : int, default 8
         Extra columns q of the random test matrix.
-    power_iters : int, default 2
+    power_iters : int, default 4
         Power iterations of the range finder.
     seed : int, default 0
         Seed of the random test matrices; the same seed gives the same report.

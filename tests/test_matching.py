@@ -793,3 +793,23 @@ def test_scan_never_opens_a_shard_without_matched_tensors(tmp_path, monkeypatch)
     assert "model-00002-of-00003.safetensors" in opened
     base_reads = {name for file, name in mapped if file.startswith("model-")}
     assert base_reads == {f"model.layers.1.self_attn.{p}.weight" for p in LLAMA_PROJ}
+
+
+def test_lm_head_lora_on_a_tied_checkpoint_scores_the_input_embedding(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import ddiscan
+    from ddiscan.io import TensorIndex
+
+    rng = np.random.default_rng(0)
+    save_file({"model.embed_tokens.weight": rng.standard_normal((50, 16)).astype(np.float32),
+               "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((16, 16)).astype(np.float32)},
+              tmp_path / "base.safetensors")
+    save_file({"base_model.model.lm_head.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
+               "base_model.model.lm_head.lora_B.weight": rng.standard_normal((50, 2)).astype(np.float32)},
+              tmp_path / "a.safetensors")
+    modules, _, warnings = ddiscan.match_modules(ddiscan.load_adapter(tmp_path / "a.safetensors"),
+                                                 TensorIndex(tmp_path / "base.safetensors"), scaling=1.0)
+    assert [(m.name, m.base_key) for m in modules] == [("lm_head", "model.embed_tokens.weight")]
+    assert any("tied" in w for w in warnings)
