@@ -134,3 +134,65 @@ def test_threshold_warnings_and_dry_run(tmp_path):
     result = _run("prune", BASE, ADAPTER, "--theta-norm", "0", "--dry-run")
     assert "selects every module" in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_prune_report_validates_against_the_schema(tmp_path):
+    import jsonschema
+
+    for extra in (["-o", tmp_path / "out"], ["--dry-run"]):
+        report = tmp_path / "r.json"
+        assert _run("prune", BASE, ADAPTER, "--top", "2", "--report-out", report, "--force", *extra).exit_code == 0
+        data = json.loads(report.read_text())
+        jsonschema.validate(data, ddiscan.load_schema())
+        assert [m["action"] for m in data["modules"]] == ["pruned"] * 2 + ["kept"] * 6
+    assert data["selection"]["dry_run"] is True and "parameters_removed" not in data["selection"]
+
+
+def _kohya(tmp_path):
+    import ml_dtypes
+
+    rng = np.random.default_rng(3)
+    names = ["down_blocks_0_attentions_0_proj_in", "down_blocks_0_attentions_0_proj_out", "mid_block_resnets_0_conv1"]
+    base, adapter = {}, {}
+    for i, name in enumerate(names):
+        key = name.replace("_blocks_0_", "_blocks.0.").replace("attentions_0_", "attentions.0.").replace(
+            "block_resnets_0_", "block.resnets.0.")
+        if "conv" in name:
+            base[key + ".weight"] = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)
+            down, up = rng.standard_normal((2, 6, 3, 3)), rng.standard_normal((8, 2, 1, 1))
+        else:
+            base[key + ".weight"] = rng.standard_normal((8, 6)).astype(np.float32)
+            down, up = rng.standard_normal((2, 6)), rng.standard_normal((8, 2)) * (i + 1)
+        adapter[f"lora_unet_{name}.lora_down.weight"] = down.astype(ml_dtypes.bfloat16)
+        adapter[f"lora_unet_{name}.lora_up.weight"] = up.astype(ml_dtypes.bfloat16)
+        adapter[f"lora_unet_{name}.alpha"] = np.array(1.0 + i, dtype=np.float16)
+    save_file(base, tmp_path / "unet.safetensors")
+    save_file(adapter, tmp_path / "lora.safetensors", metadata={"ss_network_dim": "2", "ss_network_alpha": "1"})
+    return tmp_path / "unet.safetensors", tmp_path / "lora.safetensors"
+
+
+@pytest.mark.parametrize("mode", ["zero", "drop"])
+def test_kohya_round_trip_changes_only_the_pruned_module(tmp_path, mode):
+    base, lora = _kohya(tmp_path)
+    before = lora.read_bytes()
+    out = tmp_path / "out.safetensors"
+    result = _run("prune", base, lora, "--top", "1", "--mode", mode, "-o", out, "--report-out", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert lora.read_bytes() == before
+    (name,) = json.loads((tmp_path / "r.json").read_text())["selection"]["pruned"]
+    src, dst = SafetensorsFile(lora), SafetensorsFile(out)
+    mine = {k for k in src.keys() if k.startswith(name + ".")}
+    assert len(mine) == 3
+    assert dst.metadata["ss_network_dim"] == "2" and dst.metadata["ddiscan.mode"] == mode
+    expected_keys = list(src.keys()) if mode == "zero" else [k for k in src.keys() if k not in mine]
+    assert list(dst.keys()) == expected_keys
+    for key in dst.keys():
+        assert (dst.tensors[key].dtype, dst.tensors[key].shape) == (src.tensors[key].dtype, src.tensors[key].shape)
+        if key in mine and not key.endswith(".alpha"):
+            assert not np.any(dst.array(key).astype(np.float32))
+        else:
+            assert dst.raw_bytes(key) == src.raw_bytes(key), key
+    # what is left scores as before; the pruned module, if kept, has ΔW = 0
+    rescan = ddiscan.scan(base, out)
+    for m in rescan.modules:
+        assert (m.ddi == 0) == (m.name == name)
