@@ -68,8 +68,10 @@ def scan_options(fn):
                      help="Scaling s for every module (for adapters without a config)."),
         click.option("--allow-unmatched", is_flag=True,
                      help="Warn about LoRA modules with no base weight instead of failing."),
-        click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-                     help="Where to compute; gpu needs the 'gpu' extra (CuPy)."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where to compute; cuda needs the 'gpu' extra (CuPy)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Threads BLAS may use.  [default: one per core]"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -78,13 +80,13 @@ def scan_options(fn):
 
 def _scan_kwargs(kwargs: dict) -> dict:
     keys = ("t", "t_mult", "oversample", "power_iters", "seed", "exact", "magnitude", "alpha", "scaling",
-            "allow_unmatched", "device")
+            "allow_unmatched", "device", "threads")
     return {k: kwargs.pop(k) for k in keys}
 
 
 @cli.command()
-@click.argument("base", type=click.Path(path_type=str))
-@click.argument("adapter", type=click.Path(path_type=str))
+@click.argument("base", type=click.Path(path_type=str, readable=False))
+@click.argument("adapter", type=click.Path(path_type=str, readable=False))
 @scan_options
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format.  [default: table on stdout, json with -o]")
@@ -114,7 +116,7 @@ def report(base, adapter, fmt, output, quiet, **kwargs):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str, readable=False))
 @scan_options
 @click.option("--top", type=click.IntRange(min=0), default=None, help="Prune the TOP modules with the largest DDI.")
 @click.option("--theta", type=float, default=None, help="Prune every module with DDI >= THETA.")
@@ -125,7 +127,7 @@ def report(base, adapter, fmt, output, quiet, **kwargs):
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
-@click.option("--from-report", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
 @click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write the JSON report, each module marked kept or pruned.")

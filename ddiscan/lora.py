@@ -32,7 +32,7 @@ from .io.index import TensorIndex
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
 
 __all__ = [
-    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "dense_delta", "module_keys",
+    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient", "dense_delta", "module_keys",
 ]
 
 PEFT_PREFIX = "base_model.model."
@@ -527,12 +527,16 @@ def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray,
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
 
 
-def base_matrix(module: LoraModule, base: TensorIndex) -> np.ndarray:
-    """W0 as a d × k view of the mapped base tensor (file dtype, nothing read yet)."""
-    w0 = base.array(module.base_key)
+def orient(module: LoraModule, w0: np.ndarray) -> np.ndarray:
+    """The stored base tensor as W0, d × k: transposed (Conv1D) or flattened (convolution)."""
     if module.transpose_base:
         return w0.T
     return w0.reshape(w0.shape[0], -1)
+
+
+def base_matrix(module: LoraModule, base: TensorIndex) -> np.ndarray:
+    """W0 as a d × k view of the mapped base tensor (file dtype, nothing read yet)."""
+    return orient(module, base.array(module.base_key))
 
 
 def dense_delta(module: LoraModule, file: SafetensorsFile) -> np.ndarray:

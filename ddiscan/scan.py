@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from . import spectral
 from ._version import __version__
 from .errors import UsageError
 from .io.index import TensorIndex
-from .lora import Adapter, LoraModule, base_matrix, load_adapter, lora_factors, match_modules
+from .io.convert import widen
+from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
 from .report import SCHEMA_VERSION, ModuleScore, Report, summarize
 
 __all__ = ["scan", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
@@ -34,26 +37,14 @@ DEFAULT_OVERSAMPLE = 8
 def _array_namespace(device: str):
     if device == "cpu":
         return np
-    if device == "gpu":
+    if device == "cuda":
         try:
             import cupy  # noqa: F401
             from array_api_compat import cupy as xp
         except ImportError:
-            raise UsageError("--device gpu needs CuPy: pip install 'ddiscan[gpu]'") from None
+            raise UsageError("--device cuda needs CuPy: pip install 'ddiscan[gpu]'") from None
         return xp
-    raise UsageError(f"unknown device {device!r} (cpu or gpu)")
-
-
-def to_float32(array: np.ndarray) -> np.ndarray:
-    """A mapped tensor as float32: float32 is used in place (no copy); other dtypes are
-    converted once (bfloat16 widened exactly by a bit shift)."""
-    if array.dtype == np.float32:
-        return np.asarray(array)
-    if array.dtype.name == "bfloat16":
-        widened = array.view(np.uint16).astype(np.uint32)
-        widened <<= 16
-        return widened.view(np.float32)
-    return array.astype(np.float32)
+    raise UsageError(f"unknown device {device!r} (cpu or cuda)")
 
 
 def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> int:
@@ -62,9 +53,11 @@ def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> i
     return max(1, min(t, module.d, module.k))
 
 
-def score_module(module: LoraModule, up, down, w0, *, t: int, oversample: int, power_iters: int,
-                 seed: int, exact: bool, use_raw_magnitude: bool, xp, omega_cache: dict) -> ModuleScore:
-    """Score one module from its arrays (``up``, ``down`` float64; ``w0`` working dtype)."""
+def score_module(module: LoraModule, up, down, w0, base_norm: float, *, t: int, oversample: int,
+                 power_iters: int, seed: int, exact: bool, use_raw_magnitude: bool, xp,
+                 omega_cache: dict) -> ModuleScore:
+    """Score one module from its arrays: ``up`` (d × r) and ``down`` (r × k) float64, ``w0``
+    (d × k) in the working dtype, and ‖W0‖_F."""
     fields = dict(
         name=module.name, base_key=module.base_key, kind=module.kind, block=module.block,
         layout=module.layout, d=module.d, k=module.k, r=module.r, t=t, scale=module.scale,
@@ -72,7 +65,6 @@ def score_module(module: LoraModule, up, down, w0, *, t: int, oversample: int, p
     )
     if not math.isfinite(module.scale):  # a NaN/Inf kohya .alpha or config lora_alpha
         return ModuleScore(**{**fields, "scale": None}, finite=False)
-    base_norm = spectral.frobenius_norm(w0, xp=xp)
     if not (bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))) and math.isfinite(base_norm)):
         return ModuleScore(**fields, finite=False)
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
@@ -80,10 +72,10 @@ def score_module(module: LoraModule, up, down, w0, *, t: int, oversample: int, p
         basis = spectral.exact_basis(w0, t=t, xp=xp)
     else:
         width = min(t + oversample, module.d, module.k)
-        key = (module.k, width)
-        if key not in omega_cache:
-            omega_cache[key] = xp.asarray(spectral.gaussian_test_matrix(module.k, width, seed))
-        omega = xp.astype(omega_cache[key], w0.dtype)
+        key = (module.k, width, str(w0.dtype))
+        if key not in omega_cache:  # Ω depends on the shape only (erratum E4)
+            omega_cache[key] = xp.astype(xp.asarray(spectral.gaussian_test_matrix(module.k, width, seed)), w0.dtype)
+        omega = omega_cache[key]
         basis = spectral.randomized_basis(w0, omega, t=t, power_iters=power_iters, xp=xp)
     delta_norm = math.sqrt(spectrum.energy)
     sharp = spectral.sharpness(spectrum)
@@ -96,6 +88,33 @@ def score_module(module: LoraModule, up, down, w0, *, t: int, oversample: int, p
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
     )
+
+
+def _read_ahead(items, load, *, enabled: bool):
+    """Yield ``(item, load(item))``, loading the next item in a thread while the caller
+    works on the current one, so reading overlaps computing; at most two are loaded."""
+    if not enabled or len(items) < 2:
+        for item in items:
+            yield item, load(item)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddiscan-read") as pool:
+        pending = pool.submit(load, items[0])
+        for i, item in enumerate(items):
+            current = pending.result()
+            pending = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
+            yield item, current
+            del current
+
+
+@contextmanager
+def _blas_threads(threads: int | None):
+    if threads is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads, user_api="blas"):
+        yield
 
 
 def _sha256(path: Path) -> str:
@@ -121,6 +140,8 @@ def scan(
     scaling: float | None = None,
     allow_unmatched: bool = False,
     device: str = "cpu",
+    threads: int | None = None,
+    read_ahead: bool = True,
     progress: bool = False,
 ) -> Report:
     """Score every LoRA-updated module of ``adapter`` against ``base`` by DDI.
@@ -150,7 +171,12 @@ def scan(
         Override the adapter's scaling: s = alpha / r, or s = scaling.
     allow_unmatched : bool, default False
         Warn about LoRA modules with no base weight instead of failing.
-    device : {"cpu", "gpu"}, default "cpu"
+    device : {"cpu", "cuda"}, default "cpu"
+        ``cuda`` runs the kernels through CuPy (the ``gpu`` extra).
+    threads : int, optional
+        Threads BLAS may use; default: its own choice (usually one per core).
+    read_ahead : bool, default True
+        Read and widen the next base tensor in a thread while the current one is scored.
     progress : bool, default False
         Show a progress bar on stderr.
 
@@ -174,6 +200,8 @@ def scan(
             raise UsageError(f"{flag} must be a finite number, not {value}")
     if alpha is not None and scaling is not None:
         raise UsageError("give --alpha or --scaling, not both")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be at least 1")
     xp = _array_namespace(device)
 
     base_index = base if isinstance(base, TensorIndex) else TensorIndex(base)
@@ -184,17 +212,24 @@ def scan(
 
     omega_cache: dict = {}
     scores = []
-    for module in tqdm(modules, desc="scanning", unit="module", file=sys.stderr, disable=not progress):
+    dtype = np.float64 if exact else np.float32
+
+    def load(module):
+        """Read and widen one module's tensors (runs ahead of the kernels in a thread)."""
         up, down = lora_factors(module, adapter_obj.file)
-        mapped = base_matrix(module, base_index)
-        w0 = mapped.astype(np.float64) if exact else to_float32(mapped)
-        del mapped
-        scores.append(score_module(
-            module, xp.asarray(up), xp.asarray(down), xp.asarray(w0),
-            t=_subspace_size(module, t, t_mult), oversample=oversample, power_iters=power_iters,
-            seed=seed, exact=exact, use_raw_magnitude=magnitude == "raw", xp=xp, omega_cache=omega_cache,
-        ))
-        del w0
+        w0, norm = widen(base_index.array(module.base_key), dtype)
+        return up, down, orient(module, w0), norm
+
+    with _blas_threads(threads):
+        loaded = _read_ahead(modules, load, enabled=read_ahead)
+        bar = tqdm(loaded, total=len(modules), desc="scanning", unit="module", file=sys.stderr, disable=not progress)
+        for module, (up, down, w0, norm) in bar:
+            scores.append(score_module(
+                module, xp.asarray(up), xp.asarray(down), xp.asarray(w0), norm,
+                t=_subspace_size(module, t, t_mult), oversample=oversample, power_iters=power_iters,
+                seed=seed, exact=exact, use_raw_magnitude=magnitude == "raw", xp=xp, omega_cache=omega_cache,
+            ))
+            del up, down, w0
     if any(not s.finite for s in scores):
         names = [s.name for s in scores if not s.finite]
         warnings.append(f"{len(names)} module(s) hold NaN or Inf and are not scored: {', '.join(names[:5])}")
@@ -217,7 +252,7 @@ def scan(
         parameters={
             "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
             "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
-            "allow_unmatched": allow_unmatched, "device": device, "eps": spectral.EPS,
+            "allow_unmatched": allow_unmatched, "device": device, "threads": threads, "eps": spectral.EPS,
         },
         modules=Report.ranked(scores),
         skipped=[{"key": s.key, "reason": s.reason} for s in skipped],

@@ -378,9 +378,10 @@ def test_bfloat16_base(tmp_path):
     check_against_peft(base_dir, adapter_dir, peft_model)
     reference = reference_for(peft_model)
     check_reference(ddiscan.scan(base_dir, adapter_dir, exact=True).modules, peft_model, reference)
-    # float32 working copy of a bfloat16 W0 is exact, so ‖W0‖ agrees to float64 rounding
+    # the float32 working copy of a bfloat16 W0 is exact; ‖W0‖ is summed in float32 blocks
+    # (ddiscan.io.convert), so it agrees to float32 accumulation error, about 1e-7
     for m in ddiscan.scan(base_dir, adapter_dir).modules:
-        assert m.base_norm == pytest.approx(reference[m.name]["base_norm"], rel=1e-12)
+        assert m.base_norm == pytest.approx(reference[m.name]["base_norm"], rel=1e-6)
 
 
 def test_rank_and_alpha_patterns(tmp_path):

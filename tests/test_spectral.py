@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddiscan import spectral
+from ddiscan.io.convert import widen
 
 EPS = 1e-6
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -54,15 +55,17 @@ def close(actual, expected, rel=1e-6, abs_=1e-12):
     return abs(actual - expected) <= rel * abs(expected) + abs_
 
 
-def kernels(w0, up, down, scale, t, *, xp=np, basis=None):
-    """The same quantities from ddiscan's kernels (exact basis unless one is given)."""
+def kernels(w0, up, down, scale, t, *, xp=np, basis=None, base_norm=None):
+    """The same quantities from ddiscan's kernels (exact basis unless one is given); ‖W0‖
+    from ddiscan's one-pass widening (``widen``) unless given."""
     spectrum = spectral.update_spectrum(up, down, scale, xp=xp)
     if basis is None:
         basis = spectral.exact_basis(w0, t=t, xp=xp)
     sharp = spectral.sharpness(spectrum)
     dev = spectral.deviation(basis, up, spectrum, scale, xp=xp)
     delta_norm = math.sqrt(spectrum.energy)
-    base_norm = spectral.frobenius_norm(w0, xp=xp)
+    if base_norm is None:
+        base_norm = widen(w0, w0.dtype)[1]
     mag = spectral.magnitude(delta_norm, base_norm)
     mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
     ddi = sharp * dev * mag_norm
@@ -188,12 +191,21 @@ def test_update_inside_and_outside_the_dominant_subspace():
 
 
 @SETTINGS
-@given(st.integers(1, 300), st.integers(1, 50), st.integers(1, 64),
-       st.sampled_from(["float64", "float32", "float16", "bfloat16"]), st.integers(0, 2**32 - 1))
-def test_frobenius_norm_accumulates_blocks_in_float64(d, k, block_rows, dtype, seed):
+@given(st.integers(1, 700), st.integers(1, 300), st.integers(1, 4096),
+       st.sampled_from(["float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]),
+       st.sampled_from(["float32", "float64"]), st.integers(0, 2**32 - 1))
+def test_widen_is_exact_and_its_norm_accumulates_blocks(d, k, block, dtype, out, seed):
+    import ddiscan.io.convert as convert
+
     w0 = np.random.default_rng(seed).standard_normal((d, k)).astype(np.dtype(getattr(ml_dtypes, dtype, dtype)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(convert, "BLOCK", block)  # block boundaries anywhere
+        widened, norm = widen(w0, out)
+    assert widened.dtype == np.dtype(out) and widened.shape == (d, k)
+    if np.dtype(out).itemsize >= w0.dtype.itemsize:  # widening is exact
+        assert np.array_equal(widened, w0.astype(out))
     expected = float(np.linalg.norm(w0.astype(np.float64)))
-    assert close(spectral.frobenius_norm(w0, xp=np, block_rows=block_rows), expected, rel=1e-12)
+    assert close(norm, expected, rel=1e-6 if out == "float32" else 1e-12)
 
 
 @settings(max_examples=30, deadline=None)
@@ -274,7 +286,7 @@ def test_array_api_strict_gives_the_numpy_results(case, power_iters):
     xs = array_api_strict
     sw0, sup, sdown = xs.asarray(w0), xs.asarray(up), xs.asarray(down)
     np_exact = kernels(w0, up, down, scale, t)
-    xs_exact = kernels(sw0, sup, sdown, scale, t, xp=xs)
+    xs_exact = kernels(sw0, sup, sdown, scale, t, xp=xs, base_norm=np_exact["base_norm"])
     for name, value in np_exact.items():
         if name == "sigma":
             np.testing.assert_allclose(np.asarray(xs_exact[name]), value, rtol=1e-12, atol=1e-300)
@@ -290,5 +302,5 @@ def test_array_api_strict_gives_the_numpy_results(case, power_iters):
     assert type(xs_basis).__module__.startswith("array_api_strict")
     assert xs_basis.dtype == xs.float32
     np_dev = kernels(w0, up, down, scale, t, basis=np_basis)["deviation"]
-    xs_dev = kernels(sw0, sup, sdown, scale, t, xp=xs, basis=xs_basis)["deviation"]
+    xs_dev = kernels(sw0, sup, sdown, scale, t, xp=xs, basis=xs_basis, base_norm=np_exact["base_norm"])["deviation"]
     assert close(xs_dev, np_dev, rel=1e-5, abs_=1e-6)

@@ -1,0 +1,53 @@
+"""Widening a mapped tensor to the working dtype in one pass, with its Frobenius norm.
+
+Reading a base tensor is the scan's floor; converting it must not add passes. The tensor
+is widened block by block into one preallocated array, and each block's sum of squares
+is taken while the block is still in cache, so the bytes are read once and ‖W0‖_F costs
+no extra pass. bfloat16 is widened exactly by a 16-bit shift into the high half of a
+float32 (the two formats share sign and exponent), in a single ufunc pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["widen"]
+
+# Elements per block: 256 KiB of float32, small enough to stay in L2.
+BLOCK = 1 << 16
+
+
+def widen(array: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, float]:
+    """Copy ``array`` (any float dtype, e.g. a memory map) into ``dtype``; return it and ‖array‖_F.
+
+    Parameters
+    ----------
+    array : ndarray
+        C-contiguous, any float dtype numpy or ml_dtypes provides (bfloat16, float8, …).
+    dtype : numpy dtype, default float32
+        float32 or float64.
+
+    Returns
+    -------
+    widened : ndarray, same shape, ``dtype``
+    norm : float
+        The Frobenius norm: each block's sum of squares by BLAS ``dot`` in ``dtype``, the
+        blocks' sums in float64 (relative error about 1e-7 in float32, measured; exact
+        to float64 rounding with ``dtype=float64``); NaN or Inf when the tensor holds one.
+    """
+    dtype = np.dtype(dtype)
+    flat = np.ascontiguousarray(array).reshape(-1)
+    out = np.empty(flat.shape, dtype)
+    bfloat16 = flat.dtype.name == "bfloat16" and dtype == np.float32
+    total = 0.0
+    for start in range(0, flat.size, BLOCK):
+        stop = min(start + BLOCK, flat.size)
+        block = out[start:stop]
+        if bfloat16:
+            np.left_shift(flat[start:stop].view(np.uint16), 16, out=block.view(np.uint32), dtype=np.uint32)
+        else:
+            block[...] = flat[start:stop]
+        total += float(np.dot(block, block))
+    return out.reshape(array.shape), math.sqrt(total)
