@@ -8,7 +8,8 @@
 from ._version import __version__
 from .errors import DdiscanError, InputError, OutputError, UsageError
 from .lora import LoraModule, load_adapter, match_modules
-from .report import ModuleScore, Report, load_schema, render
+from .render import render
+from .report import ModuleScore, Report, load_schema
 from .scan import scan
 
 __all__ = [

@@ -16,7 +16,8 @@ import click
 from ._version import __version__
 from .errors import DdiscanError, InputError
 from .io.writer import refuse_input_as_output, write_atomic
-from .report import FORMATS, render
+from .render import FORMATS, heatmap, render
+from .plot import plot_report
 from .prune import prune as prune_adapter
 from .rewrite import MODES
 from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan
@@ -92,16 +93,20 @@ def _scan_kwargs(kwargs: dict) -> dict:
               help="Output format.  [default: table on stdout, json with -o]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write the report to OUTPUT (atomically) instead of stdout.")
+@click.option("--heatmap", "heatmap_", is_flag=True, help="Also print DDI by block and module kind as a shaded grid.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Draw the heatmap and the sorted DDI curve to PLOT (.png or .svg; needs the 'plot' extra).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
-def report(base, adapter, fmt, output, quiet, **kwargs):
+def report(base, adapter, fmt, output, heatmap_, plot, quiet, **kwargs):
     """Rank every LoRA-updated module of ADAPTER by DDI against BASE.
 
     BASE is a .safetensors file, a sharded checkpoint (its directory or its
     model.safetensors.index.json), or a directory holding one. ADAPTER is a .safetensors
     file or a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     """
-    if output is not None:
-        refuse_input_as_output(output, [base, adapter])
+    for out in (output, plot):
+        if out is not None:
+            refuse_input_as_output(out, [base, adapter])
     result = scan(base, adapter, progress=not quiet and sys.stderr.isatty(), **_scan_kwargs(kwargs))
     if not quiet:
         for warning in result.warnings:
@@ -113,6 +118,10 @@ def report(base, adapter, fmt, output, quiet, **kwargs):
         write_atomic(output, text.encode("utf-8"))
         if not quiet:
             click.echo(f"wrote {output} ({len(result.modules)} modules)", err=True)
+    if heatmap_:
+        click.echo(heatmap(result, color=sys.stdout.isatty()), nl=False)
+    if plot is not None:
+        plot_report(result, plot)
 
 
 @cli.command()
@@ -131,8 +140,10 @@ def report(base, adapter, fmt, output, quiet, **kwargs):
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
 @click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write the JSON report, each module marked kept or pruned.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Draw the heatmap and the sorted DDI curve with the cut marked (.png or .svg).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
-def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, quiet, **kwargs):
+def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, plot, quiet, **kwargs):
     """Write ADAPTER with the updates of the highest-DDI modules removed.
 
     Select by exactly one of --top, --theta, --theta-norm (ties broken by module name).
@@ -146,7 +157,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
     else:
         raise click.UsageError("give BASE and ADAPTER (or --from-report REPORT [ADAPTER])")
     inputs = [p for p in (base, adapter, from_report) if p]
-    for out in (output, report_out):
+    for out in (output, report_out, plot):
         if out is not None:
             refuse_input_as_output(out, inputs)
     result = prune_adapter(
@@ -169,6 +180,8 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
     click.echo(f"selected {len(chosen)} of {len(result.report.modules)} modules ({result.selection.describe()}):")
     for m in chosen:
         click.echo(f"  {rank[m.name]:>4}  {m.name}  DDI {m.ddi:.6g}")
+    if plot is not None:
+        plot_report(result.report, plot, cut=(result.selection.rule, result.selection.value))
     if report_out is not None:
         write_atomic(report_out, (json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n").encode("utf-8"))
     if result.written is not None:

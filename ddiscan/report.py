@@ -1,4 +1,4 @@
-"""The scan's result: a versioned report, its JSON form and schema, and its renderings.
+"""The scan's result: a versioned report, its JSON form and its schema.
 
 The JSON report's fields are documented in the README ("The JSON report") and fixed by
 ``report.schema.json``, which ships in the package; ``schema_version`` changes whenever a
@@ -7,15 +7,13 @@ field's meaning does.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "load_schema", "render", "FORMATS"]
+__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "load_schema"]
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -104,65 +102,3 @@ class Report:
 def load_schema() -> dict:
     """The JSON Schema every report validates against."""
     return json.loads(resources.files("ddiscan").joinpath("report.schema.json").read_text(encoding="utf-8"))
-
-
-# ---------------------------------------------------------------------------------------
-# Renderings
-
-COLUMNS = ("rank", "module", "kind", "block", "d", "k", "r", "t", "S", "O", "M_norm", "DDI", "DDI_norm")
-
-
-def _number(value) -> str:
-    return "nan" if value is None else f"{value:.6g}"
-
-
-def _rows(report: Report):
-    for i, m in enumerate(report.modules):
-        yield (
-            str(i + 1) if m.finite else "-", m.name, m.kind, "" if m.block is None else str(m.block),
-            str(m.d), str(m.k), str(m.r), str(m.t),
-            _number(m.sharpness), _number(m.deviation), _number(m.magnitude_norm),
-            _number(m.ddi), _number(m.ddi_norm),
-        )
-
-
-def _table(report: Report) -> str:
-    rows = [COLUMNS, *_rows(report)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    left = {1, 2}
-    lines = []
-    for row in rows:
-        cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    s = report.summary
-    footer = f"{s['modules']} modules"
-    if s.get("ddi"):
-        q = s["ddi"]
-        footer += (f"; DDI min {_number(q['min'])}, median {_number(q['median'])}, "
-                   f"max {_number(q['max'])}")
-    if s.get("non_finite"):
-        footer += f"; {s['non_finite']} not finite"
-    return "\n".join(lines) + "\n" + footer + "\n"
-
-
-def _csv(report: Report) -> str:
-    out = io.StringIO()
-    names = [f.name for f in fields(ModuleScore)]
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["rank", *names])
-    for i, m in enumerate(report.modules):
-        values = asdict(m)
-        writer.writerow([i + 1 if m.finite else "", *("" if values[n] is None else values[n] for n in names)])
-    return out.getvalue()
-
-
-def _markdown(report: Report) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c not in ("module", "kind") else ":---" for c in COLUMNS) + "|"]
-    for row in _rows(report):
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render(report: Report, fmt: str) -> str:
-    """The report as ``table``, ``json``, ``csv`` or ``markdown`` text."""
-    return {"table": _table, "json": Report.to_json, "csv": _csv, "markdown": _markdown}[fmt](report)
