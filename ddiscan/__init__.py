@@ -10,11 +10,17 @@ from .errors import DdiscanError, InputError, OutputError, UsageError
 from .lora import LoraModule, load_adapter, match_modules
 from .render import render
 from .report import ModuleScore, Report, load_schema
-from .scan import scan
+from .prune import prune
+from .profile import Profile, build_profile
+from .scan import scan, scan_many
 
 __all__ = [
     "__version__",
     "scan",
+    "scan_many",
+    "prune",
+    "build_profile",
+    "Profile",
     "Report",
     "ModuleScore",
     "LoraModule",

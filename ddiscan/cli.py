@@ -20,7 +20,9 @@ from .render import FORMATS, heatmap, render
 from .plot import plot_report
 from .prune import prune as prune_adapter
 from .rewrite import MODES
-from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan
+from .locate import find_base
+from .profile import DEFAULT_EXCLUDE, build_profile
+from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 
 __all__ = ["cli", "main"]
 
@@ -85,43 +87,200 @@ def _scan_kwargs(kwargs: dict) -> dict:
     return {k: kwargs.pop(k) for k in keys}
 
 
+def _bases(base, adapters, profiles, quiet) -> dict:
+    """Group adapters by base: the one given, or each adapter's, found offline."""
+    if base is not None:
+        return {base: list(adapters)}
+    groups: dict = {}
+    for adapter in adapters:
+        located = find_base(adapter, profiles=list(profiles) or None)
+        if not quiet:
+            for warning in located.warnings:
+                click.echo(f"warning: {warning}", err=True)
+            click.echo(f"{adapter}: base {located.detail}", err=True)
+        groups.setdefault(str(located.path), []).append(adapter)
+    return groups
+
+
+def _scan_all(base, adapters, profiles, quiet, options) -> list:
+    """Reports in the order the adapters were given, each base read once for its group."""
+    results = {}
+    for group_base, group in _bases(base, adapters, profiles, quiet).items():
+        for adapter, result in zip(group, scan_many(group_base, group, **options)):
+            results[adapter] = result
+    reports = [results[a] for a in dict.fromkeys(adapters)]
+    if not quiet:
+        for result in reports:
+            for warning in result.warnings:
+                prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
+                click.echo(f"warning: {prefix}{warning}", err=True)
+    return reports
+
+
+profiles_option = click.option(
+    "--profiles", multiple=True, type=click.Path(file_okay=False, path_type=str),
+    help="A directory of base profiles to search when no base is given (repeatable; also DDISCAN_PROFILES).")
+
+
 @cli.command()
-@click.argument("base", type=click.Path(path_type=str, readable=False))
-@click.argument("adapter", type=click.Path(path_type=str, readable=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER...", type=click.Path(path_type=str, readable=False))
 @scan_options
+@profiles_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format.  [default: table on stdout, json with -o]")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Write the report to OUTPUT (atomically) instead of stdout.")
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+              help="Write the report to OUTPUT (atomically) instead of stdout; with several adapters, "
+                   "a directory for one JSON report each, or one file with --format jsonl.")
 @click.option("--heatmap", "heatmap_", is_flag=True, help="Also print DDI by block and module kind as a shaded grid.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Draw the heatmap and the sorted DDI curve to PLOT (.png or .svg; needs the 'plot' extra).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
-def report(base, adapter, fmt, output, heatmap_, plot, quiet, **kwargs):
-    """Rank every LoRA-updated module of ADAPTER by DDI against BASE.
+def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
+    """Rank every LoRA-updated module of each ADAPTER by DDI against BASE.
 
     BASE is a .safetensors file, a sharded checkpoint (its directory or its
-    model.safetensors.index.json), or a directory holding one. ADAPTER is a .safetensors
-    file or a PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
+    model.safetensors.index.json), a directory holding one, or a base profile
+    (.ddiprofile). ADAPTER is a .safetensors file or a PEFT adapter directory
+    (adapter_config.json + adapter_model.safetensors). With several adapters each base
+    tensor is read once for all of them. With a single ADAPTER and no BASE, the base
+    named by its adapter_config.json is looked up offline (local path, Hugging Face
+    cache, --profiles).
     """
+    base, adapters = (None, list(paths)) if len(paths) == 1 else (paths[0], list(paths[1:]))
+    several = len(adapters) > 1
+    if several and plot is not None:
+        raise click.UsageError("--plot draws one adapter's report; give one ADAPTER")
+    if several and output is not None and fmt not in (None, "json", "jsonl"):
+        raise click.UsageError("with several adapters, -o takes --format json (a directory) or jsonl (one file)")
+    inputs = [p for p in (base, *adapters) if p]
     for out in (output, plot):
         if out is not None:
-            refuse_input_as_output(out, [base, adapter])
-    result = scan(base, adapter, progress=not quiet and sys.stderr.isatty(), **_scan_kwargs(kwargs))
-    if not quiet:
-        for warning in result.warnings:
-            click.echo(f"warning: {warning}", err=True)
-    text = render(result, fmt or ("json" if output else "table"))
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        write_atomic(output, text.encode("utf-8"))
+            refuse_input_as_output(out, inputs)
+    options = _scan_kwargs(kwargs)
+    reports = _scan_all(base, adapters, profiles, quiet, {"progress": not quiet and sys.stderr.isatty(), **options})
+    fmt = fmt or ("json" if output else "table")
+    if output is not None and several and fmt == "json":
+        Path(output).mkdir(parents=True, exist_ok=True)
+        for result in reports:
+            target = Path(output) / f"{_stem(result)}.json"
+            refuse_input_as_output(target, inputs)
+            write_atomic(target, render(result, "json").encode("utf-8"))
         if not quiet:
-            click.echo(f"wrote {output} ({len(result.modules)} modules)", err=True)
+            click.echo(f"wrote {len(reports)} reports to {output}", err=True)
+    else:
+        text = "".join(_titled(r, fmt, several) for r in reports)
+        if output is None:
+            click.echo(text, nl=False)
+        else:
+            write_atomic(output, text.encode("utf-8"))
+            if not quiet:
+                click.echo(f"wrote {output} ({sum(len(r.modules) for r in reports)} modules)", err=True)
     if heatmap_:
-        click.echo(heatmap(result, color=sys.stdout.isatty()), nl=False)
+        for result in reports:
+            click.echo(_titled(result, "heatmap", several), nl=False)
     if plot is not None:
-        plot_report(result, plot)
+        plot_report(reports[0], plot)
+
+
+def _stem(result) -> str:
+    path = Path(result.inputs["adapter"]["path"])
+    return path.stem if path.is_file() else path.name
+
+
+def _titled(result, fmt: str, several: bool) -> str:
+    text = heatmap(result, color=sys.stdout.isatty()) if fmt == "heatmap" else render(result, fmt)
+    if several and fmt in ("table", "markdown", "heatmap"):
+        return f"== {result.inputs['adapter']['path']} ==\n{text}\n"
+    return text
+
+
+CHECK_FORMATS = ("terse", *FORMATS)
+
+
+@cli.command()
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=click.Path(path_type=str, readable=False))
+@click.option("--base", type=click.Path(path_type=str, readable=False), default=None,
+              help="The base (checkpoint or profile).  [default: looked up from adapter_config.json]")
+@profiles_option
+@click.option("--max-ddi", type=float, default=None, help="Fail when a module's DDI exceeds MAX_DDI.")
+@click.option("--max-ddi-norm", type=float, default=None, help="Fail when a module's DDI_norm exceeds MAX_DDI_NORM.")
+@scan_options
+@click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="terse", show_default=True,
+              help="terse: one line per failing module; the others as for report.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but failures.")
+def check(adapters, base, profiles, max_ddi, max_ddi_norm, fmt, quiet, **kwargs):
+    """Check that no module of any ADAPTER exceeds a DDI limit (for CI and pre-commit).
+
+    Exit 0 when every module passes, 1 when any exceeds --max-ddi or --max-ddi-norm (one
+    line each: FILE:1: MODULE: DDI VALUE > LIMIT), 2 on usage errors, 3 on bad input.
+    ADAPTER may be a PEFT directory, a .safetensors file, or an adapter_config.json (its
+    directory is checked), as pre-commit passes them.
+    """
+    if max_ddi is None and max_ddi_norm is None:
+        raise click.UsageError("give --max-ddi and/or --max-ddi-norm")
+    targets = list(dict.fromkeys(_adapter_of(a) for a in adapters))
+    reports = _scan_all(base, targets, profiles, True, _scan_kwargs(kwargs))
+    failures = []
+    for result in reports:
+        where = result.inputs["adapter"]["file"]
+        for m in result.modules:
+            for label, value, limit in (("DDI", m.ddi, max_ddi), ("DDI_norm", m.ddi_norm, max_ddi_norm)):
+                if limit is not None and (value is None or value > limit):
+                    shown = "not finite" if value is None else f"{value:.6g}"
+                    failures.append(f"{where}:1: {m.name}: {label} {shown} > {limit:g}")
+    if fmt == "terse":
+        for line in failures:
+            click.echo(line)
+        if not quiet:
+            modules = sum(len(r.modules) for r in reports)
+            verdict = f"{len(failures)} failing" if failures else "all pass"
+            click.echo(f"ddiscan check: {len(reports)} adapter(s), {modules} modules: {verdict}", err=True)
+    else:
+        click.echo("".join(_titled(r, fmt, len(reports) > 1) for r in reports), nl=False)
+        for line in failures:
+            click.echo(line, err=True)
+    sys.exit(1 if failures else 0)
+
+
+def _adapter_of(path: str) -> str:
+    """The adapter a file belongs to: a PEFT directory for its config or weights file."""
+    p = Path(path)
+    if p.name == "adapter_config.json" or (p.suffix == ".safetensors" and (p.parent / "adapter_config.json").is_file()):
+        return str(p.parent)
+    return path
+
+
+@cli.command()
+@click.argument("base", type=click.Path(path_type=str, readable=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), required=True,
+              help="The profile to write (a .ddiprofile file).")
+@click.option("--max-t", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Widest subspace stored; any t up to MAX_T can be scored.")
+@click.option("--include", multiple=True, help="Only weights whose key matches this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip weights whose key matches this glob (repeatable).  "
+              "[default: embeddings, LM head, norms]")
+@click.option("--oversample", type=click.IntRange(min=0), default=DEFAULT_OVERSAMPLE, show_default=True,
+              help="Oversampling q of the randomized range finder.")
+@click.option("--power-iters", type=click.IntRange(min=0), default=DEFAULT_POWER_ITERS, show_default=True,
+              help="Power iterations of the randomized range finder.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test matrices.")
+@click.option("--exact", is_flag=True, help="Subspaces from full float64 SVDs.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def profile(base, output, max_t, include, exclude, oversample, power_iters, seed, exact, force, quiet):
+    """Store what scoring needs from BASE in a small profile, to check adapters without it.
+
+    For each weight a LoRA could target: its shape, its Frobenius norm and orthonormal
+    bases of its dominant column and row spaces up to --max-t, plus the sketch
+    parameters and the base files' names, sizes and sha256.
+    """
+    refuse_input_as_output(output, [base])
+    summary = build_profile(
+        base, output, max_t=max_t, include=include, exclude=exclude or DEFAULT_EXCLUDE, oversample=oversample,
+        power_iters=power_iters, seed=seed, exact=exact, force=force, progress=not quiet and sys.stderr.isatty(),
+    )
+    share = 100.0 * summary["size"] / summary["base_size"] if summary["base_size"] else 0.0
+    click.echo(f"wrote {output}: {summary['weights']} weights, {summary['size']} bytes ({share:.1f}% of the base)")
 
 
 @cli.command()

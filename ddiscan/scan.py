@@ -1,9 +1,10 @@
 """Stream LoRA modules through the DDI kernels, one base tensor at a time.
 
-For each matched module the base weight is memory-mapped, converted once to the working
-dtype (float32; float64 with ``exact=True``), scored, and released before the next one is
-touched, so at most a few tensors are resident whatever the base's size, and base tensors
-without a LoRA pair are never read.
+Every base weight that some adapter's LoRA pair updates is memory-mapped in file order,
+widened once to the working dtype (float32; float64 with ``exact=True``) while the
+previous one is scored, sketched once for all the adapters and ranks that need it, and
+released before the next, so at most a few tensors are resident whatever the base's size,
+and base tensors without a LoRA pair are never read.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from .errors import UsageError
 from .io.index import TensorIndex
 from .io.convert import widen
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
+from .profile import Profile, is_profile
 from .report import SCHEMA_VERSION, ModuleScore, Report, summarize
 
-__all__ = ["scan", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
+__all__ = ["scan", "scan_many", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
 
 # Chosen from benchmarks/power_iters.py on the real all-MiniLM-L6-v2 weights: see README
 # ("How the defaults were chosen") and benchmarks/POWER_ITERS.md.
@@ -53,11 +55,14 @@ def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> i
     return max(1, min(t, module.d, module.k))
 
 
-def score_module(module: LoraModule, up, down, w0, base_norm: float, *, t: int, oversample: int,
-                 power_iters: int, seed: int, exact: bool, use_raw_magnitude: bool, xp,
-                 omega_cache: dict) -> ModuleScore:
-    """Score one module from its arrays: ``up`` (d × r) and ``down`` (r × k) float64, ``w0``
-    (d × k) in the working dtype, and ‖W0‖_F."""
+def score_module(module: LoraModule, up, down, basis, base_norm: float, *, t: int,
+                 use_raw_magnitude: bool, xp) -> ModuleScore:
+    """Score one module (SPEC.md §2–3).
+
+    ``up`` (d × r) and ``down`` (r × k) are float64 arrays of namespace ``xp``; ``basis``
+    is a function returning Q_t (d × t), called only when the module's numbers are finite;
+    ``base_norm`` is ‖W0‖_F.
+    """
     fields = dict(
         name=module.name, base_key=module.base_key, kind=module.kind, block=module.block,
         layout=module.layout, d=module.d, k=module.k, r=module.r, t=t, scale=module.scale,
@@ -68,18 +73,9 @@ def score_module(module: LoraModule, up, down, w0, base_norm: float, *, t: int, 
     if not (bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))) and math.isfinite(base_norm)):
         return ModuleScore(**fields, finite=False)
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
-    if exact:
-        basis = spectral.exact_basis(w0, t=t, xp=xp)
-    else:
-        width = min(t + oversample, module.d, module.k)
-        key = (module.k, width, str(w0.dtype))
-        if key not in omega_cache:  # Ω depends on the shape only (erratum E4)
-            omega_cache[key] = xp.astype(xp.asarray(spectral.gaussian_test_matrix(module.k, width, seed)), w0.dtype)
-        omega = omega_cache[key]
-        basis = spectral.randomized_basis(w0, omega, t=t, power_iters=power_iters, xp=xp)
     delta_norm = math.sqrt(spectrum.energy)
     sharp = spectral.sharpness(spectrum)
-    dev = spectral.deviation(basis, up, spectrum, module.scale, xp=xp)
+    dev = spectral.deviation(basis(), up, spectrum, module.scale, xp=xp)
     mag = spectral.magnitude(delta_norm, base_norm)
     mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
     ddi_raw = sharp * dev * mag
@@ -88,6 +84,39 @@ def score_module(module: LoraModule, up, down, w0, base_norm: float, *, t: int, 
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
     )
+
+
+class _Subspaces:
+    """Q_t for the modules of one base weight: sketched from W0 (or read from a profile)
+    once per (orientation, t), however many adapters update that weight."""
+
+    def __init__(self, source, key, w0, *, oversample, power_iters, seed, exact, xp, omega_cache):
+        self.source, self.key, self.w0, self.xp = source, key, w0, xp
+        self.oversample, self.power_iters, self.seed, self.exact = oversample, power_iters, seed, exact
+        self.omega_cache, self.cache = omega_cache, {}
+
+    def __call__(self, module: LoraModule, t: int):
+        return lambda: self._basis(module, t)
+
+    def _basis(self, module: LoraModule, t: int):
+        key = (module.transpose_base, module.layout == "conv", t)
+        if key not in self.cache:
+            xp = self.xp
+            if isinstance(self.source, Profile):
+                self.cache[key] = xp.asarray(self.source.basis(self.key, transposed=module.transpose_base, t=t))
+            else:
+                w0 = xp.asarray(orient(module, self.w0))
+                if self.exact:
+                    self.cache[key] = spectral.exact_basis(w0, t=t, xp=xp)
+                else:
+                    width = min(t + self.oversample, module.d, module.k)
+                    shape = (module.k, width, str(w0.dtype))
+                    if shape not in self.omega_cache:  # Ω depends on the shape only (erratum E4)
+                        omega = spectral.gaussian_test_matrix(module.k, width, self.seed)
+                        self.omega_cache[shape] = xp.astype(xp.asarray(omega), w0.dtype)
+                    self.cache[key] = spectral.randomized_basis(
+                        w0, self.omega_cache[shape], t=t, power_iters=self.power_iters, xp=xp)
+        return self.cache[key]
 
 
 def _read_ahead(items, load, *, enabled: bool):
@@ -125,9 +154,43 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def scan(
+def _open_base(base):
+    if isinstance(base, (TensorIndex, Profile)):
+        return base
+    return Profile(base) if is_profile(base) else TensorIndex(base)
+
+
+def _reading_order(source, keys):
+    """Base keys in file and offset order, so a scan reads each shard front to back."""
+    if isinstance(source, Profile):
+        return sorted(keys)
+    return sorted(keys, key=lambda k: (str(source.weight_map[k]), source.info(k).start))
+
+
+def scan(base, adapter, **options) -> Report:
+    """Score every LoRA-updated module of ``adapter`` against ``base`` by DDI.
+
+    Parameters
+    ----------
+    base : path-like, TensorIndex or Profile
+        A ``.safetensors`` file, a sharded checkpoint (directory or ``*.index.json``), a
+        directory holding one, or a base profile (``*.ddiprofile``).
+    adapter : path-like or Adapter
+        A ``.safetensors`` adapter file or a PEFT adapter directory.
+    **options
+        As for :func:`scan_many`.
+
+    Returns
+    -------
+    Report
+        Modules sorted by DDI, highest first.
+    """
+    return scan_many(base, [adapter], **options)[0]
+
+
+def scan_many(
     base,
-    adapter,
+    adapters,
     *,
     t: int | None = None,
     t_mult: float | None = None,
@@ -143,16 +206,16 @@ def scan(
     threads: int | None = None,
     read_ahead: bool = True,
     progress: bool = False,
-) -> Report:
-    """Score every LoRA-updated module of ``adapter`` against ``base`` by DDI.
+) -> list[Report]:
+    """Score several adapters of one base, reading each base tensor once for all of them.
+
+    Each report equals what :func:`scan` gives for that adapter alone.
 
     Parameters
     ----------
-    base : path-like or TensorIndex
-        A ``.safetensors`` file, a sharded checkpoint (directory or ``*.index.json``), or a
-        directory holding one.
-    adapter : path-like or Adapter
-        A ``.safetensors`` adapter file or a PEFT adapter directory.
+    base : path-like, TensorIndex or Profile
+        As for :func:`scan`.
+    adapters : sequence of path-like or Adapter
     t : int, optional
         Dimension of W0's dominant subspace; default the module's rank r.
     t_mult : float, optional
@@ -182,8 +245,7 @@ def scan(
 
     Returns
     -------
-    Report
-        Modules sorted by DDI, highest first.
+    list of Report, one per adapter, in order
     """
     if t is not None and t_mult is not None:
         raise UsageError("give --t or --t-mult, not both")
@@ -202,58 +264,81 @@ def scan(
         raise UsageError("give --alpha or --scaling, not both")
     if threads is not None and threads < 1:
         raise UsageError("--threads must be at least 1")
+    if not adapters:
+        raise UsageError("give at least one adapter")
     xp = _array_namespace(device)
 
-    base_index = base if isinstance(base, TensorIndex) else TensorIndex(base)
-    adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    modules, skipped, warnings = match_modules(
-        adapter_obj, base_index, alpha=alpha, scaling=scaling, allow_unmatched=allow_unmatched
-    )
+    source = _open_base(base)
+    parameters = {
+        "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
+        "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
+        "allow_unmatched": allow_unmatched, "device": device, "threads": threads, "eps": spectral.EPS,
+    }
+    notes: list[str] = []
+    if isinstance(source, Profile):
+        given = {"oversample": oversample, "power_iters": power_iters, "seed": seed, "exact": exact}
+        if given != source.parameters:
+            notes.append(f"the profile was sketched with {source.parameters}; its subspaces are used as they are")
+        parameters.update(source.parameters)
+        exact = source.parameters["exact"]
 
-    omega_cache: dict = {}
-    scores = []
+    opened = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
+    matched = [match_modules(a, source, alpha=alpha, scaling=scaling, allow_unmatched=allow_unmatched)
+               for a in opened]
+    plan: dict[str, list[tuple[int, LoraModule]]] = {}
+    for i, (modules, _, _) in enumerate(matched):
+        for module in modules:
+            plan.setdefault(module.base_key, []).append((i, module))
     dtype = np.float64 if exact else np.float32
 
-    def load(module):
-        """Read and widen one module's tensors (runs ahead of the kernels in a thread)."""
-        up, down = lora_factors(module, adapter_obj.file)
-        w0, norm = widen(base_index.array(module.base_key), dtype)
-        return up, down, orient(module, w0), norm
+    def load(key):
+        """Read one base weight and its LoRA factors (runs ahead of the kernels in a thread)."""
+        factors = [lora_factors(module, opened[i].file) for i, module in plan[key]]
+        if isinstance(source, Profile):
+            return factors, None, source.norm(key)
+        w0, norm = widen(source.array(key), dtype)
+        return factors, w0, norm
 
+    scores: list[list[ModuleScore]] = [[] for _ in opened]
+    omega_cache: dict = {}
+    sketch = dict(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact, xp=xp,
+                  omega_cache=omega_cache)
     with _blas_threads(threads):
-        loaded = _read_ahead(modules, load, enabled=read_ahead)
-        bar = tqdm(loaded, total=len(modules), desc="scanning", unit="module", file=sys.stderr, disable=not progress)
-        for module, (up, down, w0, norm) in bar:
-            scores.append(score_module(
-                module, xp.asarray(up), xp.asarray(down), xp.asarray(w0), norm,
-                t=_subspace_size(module, t, t_mult), oversample=oversample, power_iters=power_iters,
-                seed=seed, exact=exact, use_raw_magnitude=magnitude == "raw", xp=xp, omega_cache=omega_cache,
-            ))
-            del up, down, w0
+        keys = _reading_order(source, plan)
+        loaded = _read_ahead(keys, load, enabled=read_ahead)
+        for key, (factors, w0, norm) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
+                                             file=sys.stderr, disable=not progress):
+            subspaces = _Subspaces(source, key, w0, **sketch)
+            for (i, module), (up, down) in zip(plan[key], factors):
+                size = _subspace_size(module, t, t_mult)
+                scores[i].append(score_module(
+                    module, xp.asarray(up), xp.asarray(down), subspaces(module, size), norm, t=size,
+                    use_raw_magnitude=magnitude == "raw", xp=xp,
+                ))
+            del factors, w0, subspaces
+    return [_report(source, adapter, found, scores[i], parameters, notes)
+            for i, (adapter, found) in enumerate(zip(opened, matched))]
+
+
+def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Report:
+    _, skipped, warnings = found
+    warnings = [*notes, *warnings]
     if any(not s.finite for s in scores):
         names = [s.name for s in scores if not s.finite]
         warnings.append(f"{len(names)} module(s) hold NaN or Inf and are not scored: {', '.join(names[:5])}")
-
-    adapter_path = adapter_obj.file.path
+    path = adapter.file.path
     return Report(
         schema_version=SCHEMA_VERSION,
         ddiscan_version=__version__,
         method="ddi",
         inputs={
-            "base": base_index.describe(),
+            "base": source.describe(),
             "adapter": {
-                "path": str(adapter_obj.path),
-                "file": str(adapter_path),
-                "size": adapter_path.stat().st_size,
-                "sha256": _sha256(adapter_path),
-                "config": adapter_obj.config_source,
+                "path": str(adapter.path), "file": str(path), "size": path.stat().st_size,
+                "sha256": _sha256(path), "config": adapter.config_source,
             },
         },
-        parameters={
-            "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
-            "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
-            "allow_unmatched": allow_unmatched, "device": device, "threads": threads, "eps": spectral.EPS,
-        },
+        parameters=dict(parameters),
         modules=Report.ranked(scores),
         skipped=[{"key": s.key, "reason": s.reason} for s in skipped],
         warnings=warnings,

@@ -132,7 +132,7 @@ def gaussian_test_matrix(k: int, width: int, seed: int) -> np.ndarray:
     return rng.standard_normal((k, width), dtype=np.float32)
 
 
-def randomized_basis(w0, omega, *, t: int, power_iters: int, xp):
+def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = False):
     """Q_t from a randomized range finder with power iterations (SPEC.md §2 steps 1–3).
 
     1. Y = W0 Ω;
@@ -149,11 +149,13 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp):
         Subspace dimension, at most ``omega.shape[1]``.
     power_iters : int
     xp : array namespace
+    right : bool, default False
+        Also return the matching right basis, span(W[:, :t]), for base profiles.
 
     Returns
     -------
     array, shape (d, t)
-        Orthonormal columns.
+        Orthonormal columns; with ``right``, a pair (left (d, t), right (k, t)).
 
     Notes
     -----
@@ -177,8 +179,21 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp):
         sample = orthonormalize(w0 @ back, xp=xp)
     small = xp.astype(xp.linalg.matrix_transpose(sample) @ w0, xp.float64)
     values, vectors = xp.linalg.eigh(small @ xp.linalg.matrix_transpose(small))
-    order = xp.argsort(-values)[:t]
-    return sample @ xp.astype(xp.take(vectors, order, axis=1), sample.dtype)
+    rotation = xp.take(vectors, xp.argsort(-values)[:t], axis=1)
+    left = sample @ xp.astype(rotation, sample.dtype)
+    if not right:
+        return left
+    # Bₛᵀ Ũ_t = W Σ_t: its columns span the top-t right singular directions
+    return left, xp.astype(orthonormalize(xp.linalg.matrix_transpose(small) @ rotation, xp=xp), w0.dtype)
+
+
+def exact_basis(w0, *, t: int, xp, right: bool = False):
+    """Q_t = the top-t left singular vectors of W0 from a full SVD (verification mode);
+    with ``right``, also the top-t right singular vectors (k, t)."""
+    left, _, right_t = xp.linalg.svd(w0, full_matrices=False)
+    if not right:
+        return left[:, :t]
+    return left[:, :t], xp.linalg.matrix_transpose(right_t[:t, :])
 
 
 def orthonormalize(block, *, xp):
@@ -200,9 +215,3 @@ def orthonormalize(block, *, xp):
             return xp.linalg.qr(block)[0]
         q = xp.astype(wide @ xp.linalg.inv(upper), block.dtype)
     return q
-
-
-def exact_basis(w0, *, t: int, xp):
-    """Q_t = the top-t left singular vectors of W0 from a full SVD (verification mode)."""
-    left, _, _ = xp.linalg.svd(w0, full_matrices=False)
-    return left[:, :t]

@@ -1,0 +1,191 @@
+"""Base profiles: what scoring needs from each base weight, without the base.
+
+A profile (``*.ddiprofile``) is a safetensors file holding, for every weight a LoRA could
+target, an orthonormal basis of its dominant column space (``<key>:left``, rows × T), one
+of its dominant row space (``<key>:right``, columns × T), both ordered by singular value
+so that any t ≤ T is a prefix, and its Frobenius norm (``<key>:norm``); its
+``__metadata__["ddiscan.profile"]`` (JSON) holds each weight's stored shape and dtype,
+the sketch parameters, the seed, and the base files' names, sizes and sha256. It is a
+few percent of the base's size, is written one weight at a time, and is accepted
+anywhere a base is.
+
+A profile built with ``--max-t T`` scores modules with t = T exactly as the base does (the
+same Ω, power iterations and arithmetic); a smaller t uses the leading columns of the
+wider sketch, which is at least as accurate. Weights stored transposed (GPT-2 Conv1D) are
+scored with the right basis, which the base scan computes from W0ᵀ with another test
+matrix: equal within the range finder's accuracy, not to rounding.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import spectral
+from ._version import __version__
+from .errors import InputError, UsageError
+from .io.convert import widen
+from .io.index import TensorIndex
+from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from .io.writer import SafetensorsEntry, write_safetensors
+
+__all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
+
+SUFFIX = ".ddiprofile"
+META_KEY = "ddiscan.profile"
+PROFILE_VERSION = 1
+DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*norm*", "*ln_*")
+
+
+def is_profile(path) -> bool:
+    """Whether ``path`` names a base profile (by its suffix)."""
+    return Path(path).suffix == SUFFIX and Path(path).is_file()
+
+
+class Profile:
+    """A base profile opened for scoring; offers the key listing a TensorIndex offers."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.file = SafetensorsFile(self.path)
+        raw = (self.file.metadata or {}).get(META_KEY)
+        try:
+            self.meta = json.loads(raw)
+            self.weights = self.meta["weights"]
+            self.max_t = int(self.meta["max_t"])
+        except (TypeError, ValueError, KeyError):
+            raise InputError(f"{self.path}: not a ddiscan base profile (no valid {META_KEY!r} metadata)") from None
+
+    def keys(self):
+        return self.weights.keys()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.weights
+
+    def info(self, key: str) -> TensorInfo:
+        entry = self.weights[key]
+        return TensorInfo(key, entry["dtype"], tuple(entry["shape"]), 0, 0)
+
+    def norm(self, key: str) -> float:
+        return float(np.asarray(self.file.array(f"{key}:norm"))[0])
+
+    def basis(self, key: str, *, transposed: bool, t: int) -> np.ndarray:
+        """The top-t basis of W0's column space (of the stored row space if ``transposed``)."""
+        if t > self.max_t:
+            raise InputError(f"{self.path}: holds subspaces up to t={self.max_t}; {key} needs t={t} "
+                             "(rebuild the profile with a larger --max-t)")
+        side = "right" if transposed else "left"
+        return np.asarray(self.file.array(f"{key}:{side}"))[:, :t]
+
+    @property
+    def parameters(self) -> dict:
+        return {k: self.meta[k] for k in ("oversample", "power_iters", "seed", "exact")}
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "files": [{"path": str(self.path), "size": self.path.stat().st_size}],
+            "profile": {"max_t": self.max_t, **self.parameters, "base_files": self.meta.get("base_files", [])},
+        }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _selected(index: TensorIndex, include, exclude) -> list[str]:
+    keys = []
+    for key in sorted(index.keys()):
+        info = index.info(key)
+        if not key.endswith(".weight") or len(info.shape) < 2 or info.dtype not in FLOAT_DTYPES:
+            continue
+        if include and not any(fnmatch.fnmatchcase(key, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(key, p) for p in exclude):
+            continue
+        keys.append(key)
+    return keys
+
+
+def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_EXCLUDE,
+                  oversample: int = 8, power_iters: int = 4, seed: int = 0, exact: bool = False,
+                  force: bool = False, progress: bool = False) -> dict:
+    """Write the profile of ``base`` to ``output``; return a summary.
+
+    Parameters
+    ----------
+    base : path-like
+        Anything a base may be (file, sharded checkpoint, directory).
+    output : path-like
+        The ``.ddiprofile`` file, written atomically.
+    max_t : int, default 64
+        Widest subspace stored; any t ≤ max_t can be scored.
+    include, exclude : sequence of str
+        fnmatch patterns on tensor keys; by default every 2-D (or convolution) float
+        ``.weight`` except embeddings, the LM head and norms.
+    oversample, power_iters, seed, exact
+        The sketch, as for :func:`ddiscan.scan`.
+    """
+    if max_t < 1:
+        raise UsageError("--max-t must be at least 1")
+    if Path(output).suffix != SUFFIX:
+        raise UsageError(f"{output}: a profile's name must end in {SUFFIX}")
+    index = TensorIndex(base)
+    keys = _selected(index, tuple(include), tuple(exclude))
+    if not keys:
+        raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")
+    dtype = np.float64 if exact else np.float32
+    bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
+    computed: dict[str, dict] = {}
+
+    def compute(key: str) -> dict:
+        """Sketch one weight, once, when the writer reaches its first entry."""
+        if key not in computed:
+            computed.clear()  # the previous weight's arrays are written: drop them
+            w0, norm = widen(index.array(key), dtype)
+            w0 = w0.reshape(w0.shape[0], -1)
+            t = min(max_t, *w0.shape)
+            if exact:
+                left, right = spectral.exact_basis(w0, t=t, xp=np, right=True)
+            else:
+                width = min(t + oversample, *w0.shape)
+                omega = spectral.gaussian_test_matrix(w0.shape[1], width, seed).astype(dtype)
+                left, right = spectral.randomized_basis(w0, omega, t=t, power_iters=power_iters, xp=np, right=True)
+            computed[key] = {"left": left, "right": right, "norm": np.array([norm])}
+            bar.update()
+        return computed[key]
+
+    def part(key: str, name: str, dtype_: str):
+        return lambda: iter([np.ascontiguousarray(compute(key)[name], dtype=dtype_).tobytes()])
+
+    weights, entries = {}, []
+    for key in keys:
+        info = index.info(key)
+        rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
+        t = min(max_t, rows, cols)
+        weights[key] = {"shape": list(info.shape), "dtype": info.dtype}
+        entries += [
+            SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, part(key, "left", "<f4")),
+            SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, part(key, "right", "<f4")),
+            SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, part(key, "norm", "<f8")),
+        ]
+    meta = {
+        "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t, "oversample": oversample,
+        "power_iters": power_iters, "seed": seed, "exact": exact, "weights": weights,
+        "base_files": [{"name": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in index.files],
+    }
+    with bar:
+        write_safetensors(output, entries, {META_KEY: json.dumps(meta, sort_keys=True), "format": "ddiscan-profile"},
+                          force=force)
+    size = Path(output).stat().st_size
+    base_size = sum(p.stat().st_size for p in index.files)
+    return {"weights": len(keys), "size": size, "base_size": base_size}
