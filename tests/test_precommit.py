@@ -66,4 +66,5 @@ def test_high_ddi_adapter_is_blocked_and_clean_one_passes(repo):
     _git(repo, "add", "clean", ".pre-commit-config.yaml")
     passed = _git(repo, "commit", "-m", "add a clean adapter", check=False)
     assert passed.returncode == 0, passed.stdout + passed.stderr
-    assert "ddiscan check" in passed.stdout and "Passed" in passed.stdout
+    output = passed.stdout + passed.stderr
+    assert "ddiscan check" in output and "Passed" in output
