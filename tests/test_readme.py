@@ -1,0 +1,72 @@
+"""Every ddiscan command README.md shows is run here, and the output it shows is real."""
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ddiscan.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+PLACEHOLDERS = {"BASE": "fixtures/tiny-llama", "ADAPTER": "fixtures/tiny-lora",
+                "ADAPTER1": "fixtures/tiny-lora", "ADAPTER2": "second-lora"}
+
+
+def _commands() -> list[str]:
+    """ddiscan command lines from README's code blocks (indented or fenced)."""
+    commands, fenced = [], False
+    for line in README.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        code = line[4:] if line.startswith("    ") else line if fenced else None
+        if code is None:
+            continue
+        code = code.split(" && ")[-1].split("  #")[0].strip()
+        if code.startswith("ddiscan "):
+            commands.append(code)
+    return commands
+
+
+COMMANDS = _commands()
+
+
+def test_the_readme_shows_every_command():
+    shown = {c.split()[1] for c in COMMANDS}
+    assert shown == set(cli.commands), shown
+    assert len(COMMANDS) >= 10
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory as a user's: the fixtures, a second adapter, and adapter files at top level."""
+    work = tmp_path_factory.mktemp("readme")
+    shutil.copytree(ROOT / "fixtures", work / "fixtures")
+    shutil.copytree(ROOT / "fixtures" / "tiny-lora", work / "second-lora")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(ROOT / "fixtures" / "tiny-lora" / name, work / name)
+    return work
+
+
+def test_every_readme_command_runs(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    runner = CliRunner()
+    for command in COMMANDS:
+        args = [PLACEHOLDERS.get(word, word) for word in shlex.split(command)[1:]
+                if word not in ("[options]", "...")]
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, (command, result.output)
+        assert "Traceback" not in result.output
+
+
+def test_the_outputs_readme_shows_are_what_ddiscan_prints(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    shown = re.findall(r"^    (ddiscan [^\n]+)\n\n```text\n(.*?)```", README, flags=re.M | re.S)
+    assert len(shown) >= 2
+    for command, output in shown:
+        result = CliRunner().invoke(cli, shlex.split(command)[1:])
+        assert result.exit_code == 0 and result.stdout == output, command
