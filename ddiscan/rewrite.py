@@ -25,7 +25,10 @@ import numpy as np
 from ._version import __version__
 from .errors import InputError, OutputError, UsageError
 from .io.reader import NUMPY_DTYPES, SafetensorsFile
-from .io.writer import SafetensorsEntry, default_mode, write_atomic, write_safetensors
+from .io.writer import (
+    OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, remove_stale_temps, temp_prefix, write_atomic,
+    write_safetensors,
+)
 from .lora import Adapter, module_keys
 
 __all__ = ["rewrite_adapter", "MODES"]
@@ -181,8 +184,9 @@ def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
     parent = output.parent if str(output.parent) else Path(".")
+    remove_stale_temps(output)
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".ddiscan-tmp", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=temp_prefix(output), suffix=TEMP_SUFFIX, dir=parent))
         os.chmod(staging, default_mode(directory=True))
     except OSError as exc:
         raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from None
@@ -199,7 +203,7 @@ def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned
                 os.fsync(f.fileno())
         write_safetensors(staging / adapter.file.path.name, entries, meta)
         if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".ddiscan-old", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(output), suffix=OLD_SUFFIX, dir=parent))
             os.replace(output, old / output.name)
             os.replace(staging, output)
             shutil.rmtree(old)

@@ -88,15 +88,18 @@ def check_not_pickle(path: Path) -> None:
 
 
 def _no_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise HeaderError(f"duplicate key {key!r}")
-        seen[key] = value
+    seen = dict(pairs)
+    if len(seen) != len(pairs):  # rare: find the first repeated key for the message
+        keys = set()
+        for key, _ in pairs:
+            if key in keys:
+                raise HeaderError(f"duplicate key {key!r}")
+            keys.add(key)
     return seen
 
 
-def _parse_header(raw: bytes, path: Path, data_size: int):
+def _parse_header(raw: bytes, path: Path, data_offset: int, data_size: int):
+    """Tensors (offsets made absolute by ``data_offset``) and metadata of a header."""
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except HeaderError as exc:
@@ -111,13 +114,13 @@ def _parse_header(raw: bytes, path: Path, data_size: int):
     ):
         raise HeaderError(f"{path}: __metadata__ must map strings to strings")
     tensors = {}
-    for name, entry in header.items():
-        tensors[name] = _tensor_info(name, entry, path)
-    _check_offsets(tensors, path, data_size)
+    for name in list(header):  # popped as read: each JSON entry is freed once converted
+        tensors[name] = _tensor_info(name, header.pop(name), path, data_offset)
+    _check_offsets(tensors, path, data_offset, data_size)
     return tensors, metadata
 
 
-def _tensor_info(name: str, entry, path: Path) -> TensorInfo:
+def _tensor_info(name: str, entry, path: Path, data_offset: int = 0) -> TensorInfo:
     if not isinstance(entry, dict):
         raise HeaderError(f"{path}: entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -134,21 +137,25 @@ def _tensor_info(name: str, entry, path: Path) -> TensorInfo:
     if nbits % 8 or nbits // 8 != offsets[1] - offsets[0]:
         raise HeaderError(
             f"{path}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but "
-            f"{dtype}{shape} needs {nbits / 8:g}"
+            f"{dtype}{shape} needs {nbits // 8}" + (f" bytes and {nbits % 8} bits" if nbits % 8 else "")
         )
-    return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return TensorInfo(name, dtype, tuple(shape), offsets[0] + data_offset, offsets[1] + data_offset)
 
 
-def _check_offsets(tensors: dict, path: Path, data_size: int) -> None:
-    end = 0
+def _check_offsets(tensors: dict, path: Path, data_offset: int, data_size: int) -> None:
+    """Data offsets (absolute, from ``data_offset``) tile the data region: no gap, no overlap."""
+    end = data_offset
     for info in sorted(tensors.values(), key=lambda i: (i.start, i.end)):
         if info.start != end:
             kind = "overlaps the previous tensor" if info.start < end else "leaves a gap before it"
-            raise HeaderError(f"{path}: tensor {info.name!r} {kind} (offset {info.start}, expected {end})")
+            raise HeaderError(
+                f"{path}: tensor {info.name!r} {kind} (offset {info.start - data_offset}, "
+                f"expected {end - data_offset})"
+            )
         end = info.end
-    if end != data_size:
+    if end - data_offset != data_size:
         raise HeaderError(
-            f"{path}: tensors cover {end} bytes of data but the file holds {data_size} "
+            f"{path}: tensors cover {end - data_offset} bytes of data but the file holds {data_size} "
             "(truncated or padded file)"
         )
 
@@ -196,11 +203,8 @@ class SafetensorsFile:
         if not raw.lstrip().startswith(b"{"):
             raise NotSafetensors(f"{self.path}: not a safetensors file (header does not start with '{{')")
         self.data_offset = 8 + header_size
-        tensors, self.metadata = _parse_header(raw, self.path, self.size - self.data_offset)
-        self.tensors: dict[str, TensorInfo] = {
-            name: TensorInfo(i.name, i.dtype, i.shape, i.start + self.data_offset, i.end + self.data_offset)
-            for name, i in tensors.items()
-        }
+        self.tensors: dict[str, TensorInfo]
+        self.tensors, self.metadata = _parse_header(raw, self.path, self.data_offset, self.size - self.data_offset)
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
@@ -19,12 +20,85 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-__all__ = ["default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry", "write_safetensors"]
+__all__ = [
+    "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
+    "write_safetensors", "temp_prefix", "remove_stale_temps",
+]
+
+TEMP_SUFFIX = ".ddiscan-tmp"
+OLD_SUFFIX = ".ddiscan-old"
+
+
+def temp_prefix(path: Path) -> str:
+    """Prefix of the temporary files (and directories) beside ``path``: it names this
+    process's id, so that a later run can tell a dead writer's leftovers from a live one's."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: the process exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path) -> list[Path]:
+    """Remove the temporaries a killed writer of ``path`` left beside it.
+
+    A temporary ``.NAME.PID.XXXX.ddiscan-tmp`` (file or directory) is removed when process
+    PID is gone; one of a live process is left alone, as are names without a pid. A
+    ``.ddiscan-old`` directory (the previous output of a directory being replaced) is removed
+    only once ``path`` itself exists again, so an interrupted swap never loses the only copy.
+    Failures are ignored: cleaning up is best effort and must not stop the write.
+
+    Returns
+    -------
+    list of Path
+        The entries removed.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    start = f".{path.name}."
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(start) or not name.endswith((TEMP_SUFFIX, OLD_SUFFIX)):
+            continue
+        pid = name[len(start):].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if name.endswith(OLD_SUFFIX) and not os.path.lexists(path):
+            continue
+        stale = directory / name
+        try:
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+        except OSError:
+            continue
+        removed.append(stale)
+    return removed
+
+
+def _resolve(path: Path) -> Path:
+    """``path.resolve()``, or the absolute path where links loop (Python < 3.13 raises
+    RuntimeError there, later ones OSError)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
 
 
 def _same(a: Path, b: Path) -> bool:
     try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+        return _resolve(a) == _resolve(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
 
@@ -34,7 +108,7 @@ def refuse_input_as_output(output, inputs) -> None:
     out = Path(output)
     for given in inputs:
         path = Path(given)
-        if _same(out, path) or (path.is_dir() and out.resolve().is_relative_to(path.resolve())):
+        if _same(out, path) or (path.is_dir() and _resolve(out).is_relative_to(_resolve(path))):
             raise UsageError(f"{output}: the output path is an input ({given}); choose another")
 
 
@@ -49,14 +123,16 @@ def write_atomic_stream(path, fill, *, force: bool = True) -> None:
     ``fill(f)`` writes the content to the binary file object ``f``. The temporary file is
     fsynced, then renamed over ``path``, then the directory is fsynced: a reader sees the
     old file or the complete new one, never a partial one, and a failure leaves no
-    temporary file behind.
+    temporary file behind. Temporaries of ``path`` left by a killed writer are removed
+    first (:func:`remove_stale_temps`).
     """
     path = Path(path)
     if not force and path.exists():
         raise UsageError(f"{path}: exists (use --force to replace it)")
     directory = path.parent if str(path.parent) else Path(".")
+    remove_stale_temps(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".ddiscan-tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=directory)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:

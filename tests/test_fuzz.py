@@ -1,0 +1,244 @@
+"""Fuzzing: mutated safetensors files give a correct report or a clean ddiscan error, nothing else.
+
+A small valid base (one 8×8 weight plus a bfloat16 and an empty tensor) and adapter (one
+PEFT LoRA pair, rank 2) are written with the safetensors library; hypothesis then applies
+one to three mutations to one of them: bytes flipped, inserted or deleted in the header
+JSON (with or without fixing the length prefix), a number in a shape or an offset
+replaced, a dtype string replaced, the length prefix replaced, the file truncated or
+extended, bytes of the data region flipped (NaN, Inf, huge values). Every outcome must be
+
+* a report that validates against ``ddiscan.load_schema()``, or
+* a ``ddiscan.DdiscanError`` with exit code 3 and a one-line message,
+
+never another exception. When ddiscan's reader accepts a mutated file, the safetensors
+library must accept its header too (ddiscan enforces the format's rules, no looser).
+
+``DDISCAN_FUZZ_EXAMPLES`` sets the number of library examples (default 1500, about 20 s
+on one core, derandomized; with the variable set, random); the CLI test runs a tenth as many through ``ddiscan report`` and ``ddiscan
+prune``. The counts run are printed (``-s``) and recorded as junit properties.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import safetensors
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ddiscan
+from ddiscan.cli import cli
+from ddiscan.io.reader import DTYPE_BITS, SafetensorsFile
+
+from safetensors_builders import save
+
+EXAMPLES = int(os.environ.get("DDISCAN_FUZZ_EXAMPLES", "1500"))
+CLI_EXAMPLES = max(50, EXAMPLES // 10)
+SCHEMA = ddiscan.load_schema()
+# The default run is derandomized (the same examples every time, so CI is not flaky);
+# a run with DDISCAN_FUZZ_EXAMPLES set explores new ones each time.
+SETTINGS = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                derandomize="DDISCAN_FUZZ_EXAMPLES" not in os.environ)
+
+try:
+    RUNNER = CliRunner(mix_stderr=False)
+except TypeError:
+    RUNNER = CliRunner()
+
+
+def _originals() -> tuple[bytes, bytes]:
+    g = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as d:
+        base = save(Path(d) / "base.safetensors", {
+            "model.layers.0.self_attn.q_proj.weight": g.standard_normal((8, 8)).astype(np.float32),
+            "model.layers.0.mlp.up_proj.weight": g.standard_normal((4, 8)).astype(np.float16),
+            "model.norm.weight": np.ones(8, np.float32),
+            "model.empty": np.zeros((0, 3), np.float32),
+        })
+        adapter = save(Path(d) / "adapter.safetensors", {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": g.standard_normal((2, 8)).astype(np.float32),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": g.standard_normal((8, 2)).astype(np.float32),
+        }, metadata={"format": "pt"})
+        return base.read_bytes(), adapter.read_bytes()
+
+
+BASE, ADAPTER = _originals()
+
+NUMBERS = st.one_of(
+    st.integers(-3, 70),
+    st.sampled_from([2**31 - 1, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**80, 10**30]),
+    st.integers(-(2**65), 2**65),
+)
+DTYPES = st.one_of(st.sampled_from(sorted(DTYPE_BITS)), st.sampled_from(["", "f32", "Q4", "F32 ", "F128", "null"]))
+
+
+def _split(data: bytes) -> tuple[int, bytes, bytes]:
+    n = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else 0
+    return n, data[8:8 + n], data[8 + n:]
+
+
+def _join(header: bytes, rest: bytes) -> bytes:
+    return struct.pack("<Q", len(header)) + header + rest
+
+
+@st.composite
+def mutation(draw, data: bytes) -> bytes:
+    n, header, rest = _split(data)
+    kind = draw(st.sampled_from(
+        ["flip", "insert", "insert-fixed", "delete", "delete-fixed", "number", "dtype", "prefix", "truncate",
+         "extend", "data"]))
+    if kind in ("flip", "insert", "insert-fixed", "delete", "delete-fixed") and len(data) > 8:
+        end = min(len(data), 8 + max(n, 1))
+        pos = draw(st.integers(8, max(8, end - 1)))
+        if kind == "flip":
+            return data[:pos] + bytes([data[pos] ^ draw(st.integers(1, 255))]) + data[pos + 1:]
+        if kind.startswith("insert"):
+            junk = draw(st.one_of(st.binary(min_size=1, max_size=4), st.sampled_from([b"{", b"}", b",", b'"', b"[", b"]", b"0", b"-", b"\\"])))
+            new = data[:pos] + junk + data[pos:]
+        else:
+            new = data[:pos] + data[pos + draw(st.integers(1, 4)):]
+        if kind.endswith("fixed"):
+            new = struct.pack("<Q", (n + len(new) - len(data)) % 2**64) + new[8:]
+        return new
+    if kind == "number":
+        text = header.decode("utf-8", "replace")
+        numbers = list(re.finditer(r"-?\d+", text))
+        if numbers:
+            m = numbers[draw(st.integers(0, len(numbers) - 1))]
+            text = text[:m.start()] + str(draw(NUMBERS)) + text[m.end():]
+            return _join(text.encode("utf-8"), rest)
+    if kind == "dtype":
+        text = header.decode("utf-8", "replace")
+        found = list(re.finditer(r'"dtype":"([^"]*)"', text))
+        if found:
+            m = found[draw(st.integers(0, len(found) - 1))]
+            text = text[:m.start(1)] + draw(DTYPES) + text[m.end(1):]
+            return _join(text.encode("utf-8"), rest)
+    if kind == "prefix":
+        return struct.pack("<Q", draw(st.one_of(st.integers(0, len(data) + 16), st.integers(0, 2**64 - 1)))) + data[8:]
+    if kind == "truncate":
+        return data[:draw(st.integers(0, max(0, len(data) - 1)))]
+    if kind == "extend":
+        return data + draw(st.binary(min_size=1, max_size=16))
+    if kind == "data" and rest:
+        pos = 8 + n + draw(st.integers(0, len(rest) - 1))
+        value = draw(st.sampled_from([0xFF, 0x7F, 0x80, 0x00])) if draw(st.booleans()) else data[pos] ^ draw(st.integers(1, 255))
+        return data[:pos] + bytes([value]) + data[pos + 1:]
+    return data  # a mutation that does not apply leaves the file as it is
+
+
+@st.composite
+def mutated_pair(draw) -> tuple[bytes, bytes, str]:
+    target = draw(st.sampled_from(["base", "adapter"]))
+    data = BASE if target == "base" else ADAPTER
+    for _ in range(draw(st.integers(1, 3))):
+        data = draw(mutation(data))
+    return (data, ADAPTER, target) if target == "base" else (BASE, data, target)
+
+
+def _library_error(path: Path) -> str | None:
+    """Why the safetensors library refuses the file's header, or None when it opens it."""
+    try:
+        with safetensors.safe_open(str(path), framework="np") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 (SafetensorError, OSError, ...)
+        return repr(exc)
+    return None
+
+
+def _check_scan(base: Path, adapter: Path, target: Path, outcomes: Counter) -> None:
+    try:
+        report = ddiscan.scan(base, adapter)
+    except ddiscan.DdiscanError as exc:
+        assert exc.exit_code == 3, (type(exc).__name__, str(exc))
+        assert str(exc) and "\n" not in str(exc), str(exc)
+        outcomes[type(exc).__name__] += 1
+    else:
+        data = report.to_dict()
+        jsonschema.validate(data, SCHEMA)
+        json.dumps(data, allow_nan=False)
+        outcomes["report"] += 1
+    try:
+        SafetensorsFile(target)
+    except ddiscan.DdiscanError:
+        return
+    error = _library_error(target)
+    assert error is None, ("ddiscan accepts a file the safetensors library rejects", error, target.read_bytes()[:400])
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="ddiscan-fuzz-") as d:
+        yield Path(d)
+
+
+def test_fuzz_scan(workdir, record_property):
+    outcomes: Counter = Counter()
+    base, adapter = workdir / "base.safetensors", workdir / "adapter.safetensors"
+
+    @settings(max_examples=EXAMPLES, **SETTINGS)
+    @given(mutated_pair())
+    def run(pair):
+        base_bytes, adapter_bytes, target = pair
+        base.write_bytes(base_bytes)
+        adapter.write_bytes(adapter_bytes)
+        _check_scan(base, adapter, base if target == "base" else adapter, outcomes)
+        outcomes["examples"] += 1
+
+    run()
+    print(f"\nfuzz: {outcomes['examples']} examples through ddiscan.scan: {dict(outcomes)}")
+    record_property("fuzz_scan_examples", outcomes["examples"])
+    assert outcomes["examples"] >= EXAMPLES
+    # the mutations reach both outcomes, and more than one kind of error
+    assert outcomes["report"] > 0 and sum(v for k, v in outcomes.items() if k not in ("report", "examples")) > 0
+    assert len(outcomes) >= 4
+
+
+def test_fuzz_cli(workdir, record_property, monkeypatch):
+    monkeypatch.delenv("DDISCAN_DEBUG", raising=False)
+    counts: Counter = Counter()
+    base, adapter = workdir / "cli-base.safetensors", workdir / "cli-adapter.safetensors"
+    out = workdir / "out"
+    out.mkdir()
+
+    @settings(max_examples=CLI_EXAMPLES, **SETTINGS)
+    @given(mutated_pair(), st.sampled_from(["report", "report -o", "prune"]))
+    def run(pair, command):
+        base_bytes, adapter_bytes, _ = pair
+        base.write_bytes(base_bytes)
+        adapter.write_bytes(adapter_bytes)
+        target = out / ("report.json" if command == "report -o" else "pruned.safetensors")
+        args = {"report": ["report", str(base), str(adapter)],
+                "report -o": ["report", str(base), str(adapter), "-o", str(target)],
+                "prune": ["prune", str(base), str(adapter), "--top", "1", "-o", str(target)]}[command]
+        result = RUNNER.invoke(cli, args)
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert result.exit_code in (0, 3), (result.exit_code, result.stderr)
+        assert "Traceback" not in result.stdout + result.stderr
+        if result.exit_code:
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+            assert not any(out.iterdir())
+        else:
+            assert command == "report" or target.exists()
+        assert not [p for p in out.iterdir() if "ddiscan-tmp" in p.name]
+        assert base.read_bytes() == base_bytes and adapter.read_bytes() == adapter_bytes
+        for p in out.iterdir():
+            p.unlink()
+        counts[result.exit_code] += 1
+
+    run()
+    total = sum(counts.values())
+    print(f"\nfuzz: {total} examples through the CLI: exit codes {dict(counts)}")
+    record_property("fuzz_cli_examples", total)
+    assert total >= CLI_EXAMPLES and set(counts) == {0, 3}
