@@ -21,6 +21,7 @@ from .plot import plot_report
 from .prune import prune as prune_adapter
 from .rewrite import MODES
 from .locate import find_base
+from .methods import parse_components
 from .profile import DEFAULT_EXCLUDE, build_profile
 from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 
@@ -46,6 +47,15 @@ def cli():
     Exit codes: 0 success, 1 check failed, 2 usage error, 3 bad input, 4 I/O failure.
     Set DDISCAN_DEBUG=1 to see the traceback behind an error.
     """
+
+
+def _components(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_components(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def scan_options(fn):
@@ -75,6 +85,16 @@ def scan_options(fn):
                      help="Where to compute; cuda needs the 'gpu' extra (CuPy)."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="Threads BLAS may use.  [default: one per core]"),
+        click.option("--method", type=click.Choice(["ddi", "safelora", "splora"]), default="ddi", show_default=True,
+                     help="DDI, SafeLoRA's cosine, or SPLoRA's E-DIEM (the last two need --aligned/--unaligned)."),
+        click.option("--aligned", type=click.Path(path_type=str, readable=False), default=None,
+                     help="The aligned (chat) checkpoint, for safelora/splora."),
+        click.option("--unaligned", type=click.Path(path_type=str, readable=False), default=None,
+                     help="Its unaligned pretrained twin, for safelora/splora."),
+        click.option("--components", default=None, callback=_components,
+                     help="DDI ablation: score by the product of a subset of S,O,M (e.g. S,O)."),
+        click.option("--samples", type=click.IntRange(min=2), default=32, show_default=True,
+                     help="Reference rotations of SPLoRA's E-DIEM."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -83,7 +103,7 @@ def scan_options(fn):
 
 def _scan_kwargs(kwargs: dict) -> dict:
     keys = ("t", "t_mult", "oversample", "power_iters", "seed", "exact", "magnitude", "alpha", "scaling",
-            "allow_unmatched", "device", "threads")
+            "allow_unmatched", "device", "threads", "method", "aligned", "unaligned", "components", "samples")
     return {k: kwargs.pop(k) for k in keys}
 
 
@@ -148,6 +168,8 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
     """
     base, adapters = (None, list(paths)) if len(paths) == 1 else (paths[0], list(paths[1:]))
     several = len(adapters) > 1
+    if (heatmap_ or plot) and kwargs["method"] != "ddi":
+        raise click.UsageError("--heatmap and --plot show DDI; use them with --method ddi")
     if several and plot is not None:
         raise click.UsageError("--plot draws one adapter's report; give one ADAPTER")
     if several and output is not None and fmt not in (None, "json", "jsonl"):
@@ -204,11 +226,15 @@ CHECK_FORMATS = ("terse", *FORMATS)
 @profiles_option
 @click.option("--max-ddi", type=float, default=None, help="Fail when a module's DDI exceeds MAX_DDI.")
 @click.option("--max-ddi-norm", type=float, default=None, help="Fail when a module's DDI_norm exceeds MAX_DDI_NORM.")
+@click.option("--min-cosine", type=float, default=None,
+              help="With --method safelora: fail when a module's cosine is below MIN_COSINE.")
+@click.option("--max-ediem", type=float, default=None,
+              help="With --method splora: fail when a module's E-DIEM exceeds MAX_EDIEM.")
 @scan_options
 @click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="terse", show_default=True,
               help="terse: one line per failing module; the others as for report.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but failures.")
-def check(adapters, base, profiles, max_ddi, max_ddi_norm, fmt, quiet, **kwargs):
+def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem, fmt, quiet, **kwargs):
     """Check that no module of any ADAPTER exceeds a DDI limit (for CI and pre-commit).
 
     Exit 0 when every module passes, 1 when any exceeds --max-ddi or --max-ddi-norm (one
@@ -216,18 +242,25 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, fmt, quiet, **kwargs)
     ADAPTER may be a PEFT directory, a .safetensors file, or an adapter_config.json (its
     directory is checked), as pre-commit passes them.
     """
-    if max_ddi is None and max_ddi_norm is None:
-        raise click.UsageError("give --max-ddi and/or --max-ddi-norm")
+    limits = {"ddi": (max_ddi, max_ddi_norm), "safelora": (min_cosine,), "splora": (max_ediem,)}
+    if all(limit is None for limit in limits[kwargs["method"]]):
+        flags = {"ddi": "--max-ddi and/or --max-ddi-norm", "safelora": "--min-cosine", "splora": "--max-ediem"}
+        raise click.UsageError(f"give {flags[kwargs['method']]}")
     targets = list(dict.fromkeys(_adapter_of(a) for a in adapters))
     reports = _scan_all(base, targets, profiles, True, _scan_kwargs(kwargs))
     failures = []
     for result in reports:
         where = result.inputs["adapter"]["file"]
         for m in result.modules:
-            for label, value, limit in (("DDI", m.ddi, max_ddi), ("DDI_norm", m.ddi_norm, max_ddi_norm)):
-                if limit is not None and (value is None or value > limit):
+            for label, value, limit, above in (("DDI", m.ddi, max_ddi, True),
+                                               ("DDI_norm", m.ddi_norm, max_ddi_norm, True),
+                                               ("cosine", m.cosine, min_cosine, False),
+                                               ("E-DIEM", m.ediem, max_ediem, True)):
+                if limit is None or (m.finite and value is None):
+                    continue
+                if value is None or (value > limit if above else value < limit):
                     shown = "not finite" if value is None else f"{value:.6g}"
-                    failures.append(f"{where}:1: {m.name}: {label} {shown} > {limit:g}")
+                    failures.append(f"{where}:1: {m.name}: {label} {shown} {'>' if above else '<'} {limit:g}")
     if fmt == "terse":
         for line in failures:
             click.echo(line)
@@ -289,8 +322,9 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 @click.option("--top", type=click.IntRange(min=0), default=None, help="Prune the TOP modules with the largest DDI.")
 @click.option("--theta", type=float, default=None, help="Prune every module with DDI >= THETA.")
 @click.option("--theta-norm", type=float, default=None, help="Prune every module with DDI_norm >= THETA_NORM.")
-@click.option("--mode", type=click.Choice(MODES), default="zero", show_default=True,
-              help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors.")
+@click.option("--mode", "--rewrite", "mode", type=click.Choice(MODES), default="zero", show_default=True,
+              help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors; "
+                   "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
@@ -315,6 +349,8 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
         base, adapter = paths
     else:
         raise click.UsageError("give BASE and ADAPTER (or --from-report REPORT [ADAPTER])")
+    if plot is not None and kwargs["method"] != "ddi":
+        raise click.UsageError("--plot shows DDI; use it with --method ddi")
     inputs = [p for p in (base, adapter, from_report) if p]
     for out in (output, report_out, plot):
         if out is not None:
@@ -327,18 +363,21 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
     if not quiet:
         for warning in result.report.warnings:
             click.echo(f"warning: {warning}", err=True)
-    finite = [m for m in result.report.modules if m.finite]
+    method = result.report.method
+    label, field = {"ddi": ("DDI", "ddi"), "safelora": ("cosine", "cosine"), "splora": ("E-DIEM", "ediem")}[method]
+    finite = [getattr(m, field) for m in result.report.modules if m.finite]
     chosen = result.selection.modules
     if result.selection.rule != "top" and finite and len(chosen) in (0, len(finite)):
         what = "no module" if not chosen else "every module"
-        click.echo(f"warning: {result.selection.describe()} selects {what}; DDI ranges from "
-                   f"{min(m.ddi for m in finite):.6g} to {max(m.ddi for m in finite):.6g} "
-                   f"(DDI_norm {min(m.ddi_norm for m in finite):.6g} to {max(m.ddi_norm for m in finite):.6g})",
-                   err=True)
+        spread = f"{label} ranges from {min(finite):.6g} to {max(finite):.6g}"
+        if method == "ddi":
+            norms = [m.ddi_norm for m in result.report.modules if m.finite]
+            spread += f" (DDI_norm {min(norms):.6g} to {max(norms):.6g})"
+        click.echo(f"warning: {result.selection.describe()} selects {what}; {spread}", err=True)
     rank = {m.name: i + 1 for i, m in enumerate(result.report.modules)}
     click.echo(f"selected {len(chosen)} of {len(result.report.modules)} modules ({result.selection.describe()}):")
     for m in chosen:
-        click.echo(f"  {rank[m.name]:>4}  {m.name}  DDI {m.ddi:.6g}")
+        click.echo(f"  {rank[m.name]:>4}  {m.name}  {label} {getattr(m, field):.6g}")
     if plot is not None:
         plot_report(result.report, plot, cut=(result.selection.rule, result.selection.value))
     if report_out is not None:

@@ -10,10 +10,12 @@ import numpy as np
 
 from .errors import InputError, UsageError
 from .io.index import TensorIndex
-from .lora import Adapter, base_matrix, load_adapter, match_modules
+from . import methods
+from .io.convert import frobenius
+from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import Report
 from .rewrite import rewrite_adapter
-from .scan import _sha256, scan
+from .scan import _alignment_update, _sha256, scan
 from .select import Selection, select
 
 __all__ = ["PruneResult", "prune", "load_report"]
@@ -74,12 +76,35 @@ def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.nd
     return magnitudes
 
 
+def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) -> dict[str, np.ndarray]:
+    """SafeLoRA's rewrite for the modules in ``names``: lora_B ← C·lora_B, so ΔW ← C·ΔW."""
+    if base is None or aligned is None or unaligned is None:
+        raise UsageError("--mode project needs BASE, --aligned and --unaligned")
+    index = base if isinstance(base, TensorIndex) else TensorIndex(base)
+    pair = (TensorIndex(aligned), TensorIndex(unaligned))
+    modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
+    replaced = {}
+    for m in modules:
+        if m.name not in names:
+            continue
+        diff = orient(m, _alignment_update(pair, m.base_key, index.info(m.base_key).shape))
+        up, _ = lora_factors(m, adapter.file)
+        projected = methods.project_up(diff, up, diff_norm=frobenius(diff), xp=np)
+        if m.layout == "embedding":  # up is lora_embedding_Aᵀ
+            replaced[m.down_key] = np.asarray(projected).T
+        else:
+            replaced[m.up_key] = np.asarray(projected).reshape(adapter.file.tensors[m.up_key].shape)
+    return replaced
+
+
 def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, mode: str = "zero",
           force: bool = False, dry_run: bool = False, from_report=None, **scan_options) -> PruneResult:
     """Select modules by one rule and write ``adapter`` with their updates removed.
 
     ``base`` may be None with ``from_report`` (the scores come from the report), unless a
     selected module is DoRA in zero mode. ``scan_options`` are passed to :func:`ddiscan.scan`.
+    ``mode="project"`` is SafeLoRA's own rewrite (lora_B ← C·lora_B) and needs ``aligned``
+    and ``unaligned`` among ``scan_options``.
     """
     adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     if from_report is not None:
@@ -88,15 +113,20 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
         raise UsageError("give BASE, or --from-report REPORT")
     else:
         report = scan(base, adapter_obj, **scan_options)
-    selection = select(report.modules, top=top, theta=theta, theta_norm=theta_norm)
+    selection = select(report.modules, top=top, theta=theta, theta_norm=theta_norm, method=report.method)
     if dry_run:
         return PruneResult(report, selection, mode, None)
     if output is None:
         raise UsageError("give -o/--output (or --dry-run)")
     names = set(selection.names)
-    magnitudes = _dora_magnitudes(adapter_obj, base, names) if mode == "zero" else {}
+    if mode == "project":
+        aligned = scan_options.get("aligned") or report.parameters.get("aligned")
+        unaligned = scan_options.get("unaligned") or report.parameters.get("unaligned")
+        replacements = _projections(adapter_obj, base, names, aligned, unaligned)
+    else:
+        replacements = _dora_magnitudes(adapter_obj, base, names) if mode == "zero" else {}
     written = rewrite_adapter(
-        adapter_obj, selection.names, output, mode=mode, dora_magnitudes=magnitudes, force=force,
+        adapter_obj, selection.names, output, mode=mode, replacements=replacements, force=force,
         metadata={"ddiscan.selection": json.dumps({"rule": selection.rule, "value": selection.value}),
                   "ddiscan.parameters": json.dumps(report.parameters, sort_keys=True)},
     )

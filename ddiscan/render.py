@@ -19,6 +19,9 @@ __all__ = ["FORMATS", "COLUMNS", "render", "heatmap"]
 
 FORMATS = ("table", "json", "jsonl", "csv", "markdown")
 COLUMNS = ("rank", "module", "kind", "block", "d", "k", "r", "t", "S", "O", "M_norm", "DDI", "DDI_norm")
+# The score columns of the other methods (ddiscan.methods): SafeLoRA's cosine, SPLoRA's E-DIEM.
+METHOD_COLUMNS = {"safelora": (("S", "sharpness"), ("cosine", "cosine")),
+                  "splora": (("S", "sharpness"), ("E-DIEM", "ediem"))}
 SHADES = " ░▒▓█"
 
 
@@ -26,13 +29,19 @@ def _number(value) -> str:
     return "nan" if value is None else f"{value:.6g}"
 
 
+def _columns(report: Report) -> tuple[str, ...]:
+    extra = METHOD_COLUMNS.get(report.method)
+    return COLUMNS if extra is None else (*COLUMNS[:8], *(label for label, _ in extra))
+
+
 def _rows(report: Report):
+    extra = METHOD_COLUMNS.get(report.method)
     for i, m in enumerate(report.modules):
+        scores = ((m.sharpness, m.deviation, m.magnitude_norm, m.ddi, m.ddi_norm) if extra is None
+                  else tuple(getattr(m, name) for _, name in extra))
         yield (
             str(i + 1) if m.finite else "-", m.name, m.kind, "" if m.block is None else str(m.block),
-            str(m.d), str(m.k), str(m.r), str(m.t),
-            _number(m.sharpness), _number(m.deviation), _number(m.magnitude_norm),
-            _number(m.ddi), _number(m.ddi_norm),
+            str(m.d), str(m.k), str(m.r), str(m.t), *(_number(v) for v in scores),
         )
 
 
@@ -54,7 +63,7 @@ def _footer(report: Report) -> str:
 
 
 def _table(report: Report) -> str:
-    return "\n".join(_aligned([COLUMNS, *_rows(report)], left={1, 2})) + "\n" + _footer(report) + "\n"
+    return "\n".join(_aligned([_columns(report), *_rows(report)], left={1, 2})) + "\n" + _footer(report) + "\n"
 
 
 def _records(report: Report):
@@ -78,8 +87,9 @@ def _jsonl(report: Report) -> str:
 
 
 def _markdown(report: Report) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |",
-             "|" + "|".join(":---" if c in ("module", "kind") else "---:" for c in COLUMNS) + "|"]
+    columns = _columns(report)
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join(":---" if c in ("module", "kind") else "---:" for c in columns) + "|"]
     for row in _rows(report):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "load_schema"]
+__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "suspicion", "load_schema"]
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -47,11 +47,20 @@ class ModuleScore:
     ddi_norm: float | None = None
     delta_norm: float | None = None
     base_norm: float | None = None
+    cosine: float | None = None
+    ediem: float | None = None
+
+
+def suspicion(m: ModuleScore, method: str = "ddi") -> float:
+    """The number a method ranks by, larger = more suspect (0 when not finite)."""
+    if not m.finite:
+        return 0.0
+    return {"ddi": lambda: m.ddi, "safelora": lambda: -m.cosine, "splora": lambda: m.ediem}[method]()
 
 
 def summarize(scores) -> dict:
     """Count, non-finite count, and min / quartiles / max of DDI over finite modules."""
-    values = np.array([s.ddi for s in scores if s.finite], dtype=np.float64)
+    values = np.array([s.ddi for s in scores if s.finite and s.ddi is not None], dtype=np.float64)
     summary = {"modules": len(scores), "non_finite": sum(not s.finite for s in scores), "ddi": None}
     if values.size:
         q1, median, q3 = np.percentile(values, [25, 50, 75])
@@ -77,9 +86,10 @@ class Report:
     summary: dict = field(default_factory=dict)
 
     @staticmethod
-    def ranked(scores) -> list[ModuleScore]:
-        """Highest DDI first; ties by name; non-finite modules last."""
-        return sorted(scores, key=lambda s: (not s.finite, -(s.ddi or 0.0), s.name))
+    def ranked(scores, method: str = "ddi") -> list[ModuleScore]:
+        """Most suspect first — highest DDI, lowest SafeLoRA cosine, highest E-DIEM — ties
+        by name; non-finite modules last."""
+        return sorted(scores, key=lambda s: (not s.finite, -suspicion(s, method), s.name))
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -33,7 +33,7 @@ from .lora import Adapter, module_keys
 
 __all__ = ["rewrite_adapter", "MODES"]
 
-MODES = ("zero", "drop")
+MODES = ("zero", "drop", "project")
 _CHUNK = 1 << 22
 
 
@@ -106,9 +106,10 @@ def _exclude(config: dict, names: list[str]) -> dict:
 
 
 def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = "zero",
-                    dora_magnitudes: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
+                    replacements: dict[str, np.ndarray] | None = None, metadata: dict[str, str] | None = None,
                     force: bool = False) -> dict:
-    """Write ``adapter`` with the updates of the modules named in ``pruned`` removed.
+    """Write ``adapter`` with the updates of the modules named in ``pruned`` removed
+    (``zero``, ``drop``) or replaced (``project``: SafeLoRA's lora_B ← C·lora_B).
 
     Parameters
     ----------
@@ -117,9 +118,10 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         Module names, as in the report.
     output : path-like
         A directory when ``adapter.path`` is a PEFT directory, else a file.
-    mode : {"zero", "drop"}
-    dora_magnitudes : dict, optional
-        For DoRA modules in zero mode: magnitude key → row norms of W0.
+    mode : {"zero", "drop", "project"}
+    replacements : dict, optional
+        Key → new value, written in the key's dtype: for DoRA modules in zero mode, the
+        magnitude key → row norms of W0; in project mode, each pruned module's lora_B.
     metadata : dict of str, optional
         Added to the file's ``__metadata__`` (which is otherwise kept).
     force : bool
@@ -129,7 +131,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     -------
     dict
         ``parameters_total``, ``parameters_removed`` (LoRA factor entries) and the keys
-        zeroed or dropped.
+        zeroed, dropped or replaced.
     """
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
@@ -140,20 +142,26 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
     factor_keys = {k for ks in keys.values() for k in ks["factors"]}
     zeroed, dropped, replaced = set(), set(), {}
+    replacements = replacements or {}
     for name in pruned:
         if mode == "drop":
             dropped.update(keys[name]["factors"] + keys[name]["extra"])
+        elif mode == "project":
+            new = [k for k in keys[name]["factors"] if k in replacements]
+            if len(new) != 1:
+                raise UsageError(f"{name}: --mode project needs the projected factor of this module")
+            replaced[new[0]] = replacements[new[0]]
         else:
             zeroed.update(keys[name]["factors"])
             for key in keys[name]["extra"]:
                 if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale")):
-                    if not dora_magnitudes or key not in dora_magnitudes:
+                    if key not in replacements:
                         raise UsageError(f"{key}: pruning a DoRA module in zero mode needs the base (to reset its magnitude)")
-                    replaced[key] = dora_magnitudes[key]
+                    replaced[key] = replacements[key]
     if mode == "drop" and len(pruned) == len(keys):
         raise UsageError("--mode drop would remove every LoRA module; use --mode zero")
     total = sum(file.tensors[k].numel for k in factor_keys)
-    removed = sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
+    removed = 0 if mode == "project" else sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
 
     meta = dict(file.metadata or {})
     meta.update({
@@ -172,7 +180,8 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     return {
         "parameters_total": total,
         "parameters_removed": removed,
-        "zeroed": sorted(zeroed | set(replaced)),
+        "zeroed": sorted(zeroed),
+        "replaced": sorted(replaced),
         "dropped": sorted(dropped),
     }
 

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import spectral
+from . import methods, spectral
 from ._version import __version__
-from .errors import UsageError
+from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
-from .io.convert import widen
+from .io.convert import frobenius, widen
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
 from .profile import Profile, is_profile
 from .report import SCHEMA_VERSION, ModuleScore, Report, summarize
@@ -56,21 +56,16 @@ def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> i
 
 
 def score_module(module: LoraModule, up, down, basis, base_norm: float, *, t: int,
-                 use_raw_magnitude: bool, xp) -> ModuleScore:
+                 use_raw_magnitude: bool, xp, components: tuple[str, ...] | None = None) -> ModuleScore:
     """Score one module (SPEC.md §2–3).
 
     ``up`` (d × r) and ``down`` (r × k) are float64 arrays of namespace ``xp``; ``basis``
     is a function returning Q_t (d × t), called only when the module's numbers are finite;
-    ``base_norm`` is ‖W0‖_F.
+    ``base_norm`` is ‖W0‖_F. ``components`` (a subset of S, O, M) makes DDI their product,
+    for the paper's ablation.
     """
-    fields = dict(
-        name=module.name, base_key=module.base_key, kind=module.kind, block=module.block,
-        layout=module.layout, d=module.d, k=module.k, r=module.r, t=t, scale=module.scale,
-        scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
-    )
-    if not math.isfinite(module.scale):  # a NaN/Inf kohya .alpha or config lora_alpha
-        return ModuleScore(**{**fields, "scale": None}, finite=False)
-    if not (bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))) and math.isfinite(base_norm)):
+    fields = _fields(module, t)
+    if not _finite_inputs(module, up, down, base_norm, xp):
         return ModuleScore(**fields, finite=False)
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
     delta_norm = math.sqrt(spectrum.energy)
@@ -79,11 +74,46 @@ def score_module(module: LoraModule, up, down, basis, base_norm: float, *, t: in
     mag = spectral.magnitude(delta_norm, base_norm)
     mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
     ddi_raw = sharp * dev * mag
-    ddi = ddi_raw if use_raw_magnitude else sharp * dev * mag_norm
+    chosen = mag if use_raw_magnitude else mag_norm
+    ddi = sharp * dev * chosen if components is None else methods.components(
+        components, sharpness=sharp, deviation=dev, magnitude=chosen)
     return ModuleScore(
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
     )
+
+
+def score_alignment(module: LoraModule, up, down, diff, diff_norm: float, *, t: int, method: str,
+                    samples: int, seed: int, xp) -> ModuleScore:
+    """Score one module by SafeLoRA's cosine or SPLoRA's E-DIEM (:mod:`ddiscan.methods`);
+    ``diff`` is W_aligned − W_unaligned (d × k) and ``diff_norm`` its Frobenius norm."""
+    fields = _fields(module, t)
+    if not _finite_inputs(module, up, down, diff_norm, xp):
+        return ModuleScore(**fields, finite=False)
+    spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
+    common = dict(sharpness=spectral.sharpness(spectrum), delta_norm=math.sqrt(spectrum.energy))
+    if method == "safelora":
+        cosine = methods.safelora_score(diff, up, down, module.scale, diff_norm=diff_norm, xp=xp).cosine
+        return ModuleScore(**fields, finite=math.isfinite(cosine), cosine=cosine, **common)
+    score = methods.ediem_score(diff, up, down, module.scale, diff_norm=diff_norm, samples=samples, seed=seed,
+                                xp=xp).score
+    return ModuleScore(**fields, finite=math.isfinite(score), ediem=score, **common)
+
+
+def _fields(module: LoraModule, t: int) -> dict:
+    return dict(
+        name=module.name, base_key=module.base_key, kind=module.kind, block=module.block,
+        layout=module.layout, d=module.d, k=module.k, r=module.r, t=t,
+        scale=module.scale if math.isfinite(module.scale) else None,  # a NaN/Inf .alpha or lora_alpha
+        scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
+    )
+
+
+def _finite_inputs(module: LoraModule, up, down, norm: float, xp) -> bool:
+    """Whether the scale, the factors and the weight's norm are all finite (NaN/Inf is
+    reported as a non-finite module, not an error)."""
+    return (math.isfinite(module.scale) and math.isfinite(norm)
+            and bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))))
 
 
 class _Subspaces:
@@ -206,6 +236,11 @@ def scan_many(
     threads: int | None = None,
     read_ahead: bool = True,
     progress: bool = False,
+    method: str = "ddi",
+    aligned=None,
+    unaligned=None,
+    components: tuple[str, ...] | None = None,
+    samples: int = 32,
 ) -> list[Report]:
     """Score several adapters of one base, reading each base tensor once for all of them.
 
@@ -242,6 +277,16 @@ def scan_many(
         Read and widen the next base tensor in a thread while the current one is scored.
     progress : bool, default False
         Show a progress bar on stderr.
+    method : {"ddi", "safelora", "splora"}, default "ddi"
+        DDI (SPEC.md), SafeLoRA's cosine, or SPLoRA's E-DIEM (:mod:`ddiscan.methods`);
+        the last two need ``aligned`` and ``unaligned``.
+    aligned, unaligned : path-like, optional
+        The aligned (chat) checkpoint and its unaligned pretrained twin, anything a base may
+        be but a profile; their difference is the alignment update A.
+    components : tuple of "S", "O", "M", optional
+        DDI's ablation: DDI becomes the product of these components.
+    samples : int, default 32
+        Reference rotations of E-DIEM.
 
     Returns
     -------
@@ -266,6 +311,16 @@ def scan_many(
         raise UsageError("--threads must be at least 1")
     if not adapters:
         raise UsageError("give at least one adapter")
+    if method not in ("ddi", "safelora", "splora"):
+        raise UsageError(f"unknown method {method!r} (ddi, safelora or splora)")
+    if method == "ddi" and (aligned is not None or unaligned is not None):
+        raise UsageError("--aligned/--unaligned are for --method safelora or splora")
+    if method != "ddi" and (aligned is None or unaligned is None):
+        raise UsageError(f"--method {method} needs both --aligned and --unaligned")
+    if components is not None and method != "ddi":
+        raise UsageError("--components is DDI's ablation; use it with --method ddi")
+    if samples < 2:
+        raise UsageError("--samples must be at least 2")
     xp = _array_namespace(device)
 
     source = _open_base(base)
@@ -273,7 +328,11 @@ def scan_many(
         "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
         "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
         "allow_unmatched": allow_unmatched, "device": device, "threads": threads, "eps": spectral.EPS,
+        "method": method, "components": list(components) if components else None,
+        "aligned": None if aligned is None else str(aligned),
+        "unaligned": None if unaligned is None else str(unaligned), "samples": samples,
     }
+    pair = None if method == "ddi" else (TensorIndex(aligned), TensorIndex(unaligned))
     notes: list[str] = []
     if isinstance(source, Profile):
         given = {"oversample": oversample, "power_iters": power_iters, "seed": seed, "exact": exact}
@@ -292,8 +351,12 @@ def scan_many(
     dtype = np.float64 if exact else np.float32
 
     def load(key):
-        """Read one base weight and its LoRA factors (runs ahead of the kernels in a thread)."""
+        """Read one base weight (or the alignment update A) and its LoRA factors; runs
+        ahead of the kernels in a thread."""
         factors = [lora_factors(module, opened[i].file) for i, module in plan[key]]
+        if pair is not None:
+            diff = _alignment_update(pair, key, source.info(key).shape)
+            return factors, diff, frobenius(diff)
         if isinstance(source, Profile):
             return factors, None, source.norm(key)
         w0, norm = widen(source.array(key), dtype)
@@ -311,13 +374,33 @@ def scan_many(
             subspaces = _Subspaces(source, key, w0, **sketch)
             for (i, module), (up, down) in zip(plan[key], factors):
                 size = _subspace_size(module, t, t_mult)
-                scores[i].append(score_module(
-                    module, xp.asarray(up), xp.asarray(down), subspaces(module, size), norm, t=size,
-                    use_raw_magnitude=magnitude == "raw", xp=xp,
-                ))
+                up, down = xp.asarray(up), xp.asarray(down)
+                if pair is None:
+                    scores[i].append(score_module(
+                        module, up, down, subspaces(module, size), norm, t=size,
+                        use_raw_magnitude=magnitude == "raw", xp=xp, components=components,
+                    ))
+                else:
+                    scores[i].append(score_alignment(
+                        module, up, down, xp.asarray(orient(module, w0)), norm, t=size, method=method,
+                        samples=samples, seed=seed, xp=xp,
+                    ))
             del factors, w0, subspaces
     return [_report(source, adapter, found, scores[i], parameters, notes)
             for i, (adapter, found) in enumerate(zip(opened, matched))]
+
+
+def _alignment_update(pair, key: str, shape) -> np.ndarray:
+    """A = W_aligned − W_unaligned for one base key, float32, checked against the base's shape."""
+    aligned, unaligned = pair
+    for index in pair:
+        if key not in index:
+            raise InputError(f"{index.path}: has no {key}, which the adapter updates")
+        if tuple(index.info(key).shape) != tuple(shape):
+            raise ShapeMismatch(f"{index.path}: {key} is {list(index.info(key).shape)}, the base's is {list(shape)}")
+    diff, _ = widen(aligned.array(key))
+    diff -= widen(unaligned.array(key))[0]
+    return diff
 
 
 def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Report:
@@ -330,7 +413,7 @@ def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Repor
     return Report(
         schema_version=SCHEMA_VERSION,
         ddiscan_version=__version__,
-        method="ddi",
+        method=parameters["method"],
         inputs={
             "base": source.describe(),
             "adapter": {
@@ -339,7 +422,7 @@ def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Repor
             },
         },
         parameters=dict(parameters),
-        modules=Report.ranked(scores),
+        modules=Report.ranked(scores, parameters["method"]),
         skipped=[{"key": s.key, "reason": s.reason} for s in skipped],
         warnings=warnings,
         summary=summarize(scores),

@@ -1,11 +1,12 @@
-"""Which modules to prune: top-τ, θ on DDI, or θ_norm on DDI_norm (SPEC.md §4)."""
+"""Which modules to prune: top-τ, θ on DDI, or θ_norm on DDI_norm (SPEC.md §4) — or, for
+the other methods, the lowest SafeLoRA cosines and the highest E-DIEM scores."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .report import ModuleScore, Report
+from .report import ModuleScore, Report, suspicion
 
 __all__ = ["Selection", "select"]
 
@@ -22,18 +23,26 @@ class Selection:
     def names(self) -> list[str]:
         return [m.name for m in self.modules]
 
+    method: str = "ddi"
+
     def describe(self) -> str:
-        return {"top": "top {:g} by DDI", "theta": "DDI >= {:g}", "theta_norm": "DDI_norm >= {:g}"}[self.rule].format(
-            self.value
-        )
+        if self.rule == "top":
+            return f"top {self.value:g} by {LABELS[self.method]}"
+        if self.rule == "theta_norm":
+            return f"DDI_norm >= {self.value:g}"
+        return f"{LABELS[self.method]} {'<=' if self.method == 'safelora' else '>='} {self.value:g}"
+
+
+LABELS = {"ddi": "DDI", "safelora": "SafeLoRA cosine", "splora": "E-DIEM"}
 
 
 def select(modules, *, top: int | None = None, theta: float | None = None,
-           theta_norm: float | None = None) -> Selection:
+           theta_norm: float | None = None, method: str = "ddi") -> Selection:
     """Select modules by exactly one rule.
 
-    Modules are ranked by DDI, highest first, ties broken by module name, so the
-    selection is deterministic; modules whose scores are not finite are never selected.
+    Modules are ranked most suspect first — highest DDI, lowest SafeLoRA cosine (SafeLoRA's
+    own lowest-k rule), highest E-DIEM — ties broken by module name, so the selection is
+    deterministic; modules whose scores are not finite are never selected.
 
     Parameters
     ----------
@@ -41,9 +50,11 @@ def select(modules, *, top: int | None = None, theta: float | None = None,
     top : int, optional
         The ``top`` modules with the largest DDI.
     theta : float, optional
-        Every module with DDI ≥ ``theta``.
+        Every module with DDI ≥ ``theta`` (cosine ≤ ``theta`` for SafeLoRA, E-DIEM ≥
+        ``theta`` for SPLoRA).
     theta_norm : float, optional
-        Every module with DDI_norm ≥ ``theta_norm``.
+        Every module with DDI_norm ≥ ``theta_norm`` (DDI only).
+    method : {"ddi", "safelora", "splora"}
     """
     rules = {"top": top, "theta": theta, "theta_norm": theta_norm}
     given = {k: v for k, v in rules.items() if v is not None}
@@ -52,11 +63,15 @@ def select(modules, *, top: int | None = None, theta: float | None = None,
     (rule, value), = given.items()
     if rule == "top" and value < 0:
         raise UsageError("--top must be non-negative")
-    ranked = [m for m in Report.ranked(modules) if m.finite]
+    if rule == "theta_norm" and method != "ddi":
+        raise UsageError("--theta-norm selects on DDI_norm; use --theta or --top with this method")
+    ranked = [m for m in Report.ranked(modules, method) if m.finite]
     if rule == "top":
         chosen = ranked[: int(value)]
-    elif rule == "theta":
-        chosen = [m for m in ranked if m.ddi >= value]
-    else:
+    elif rule == "theta_norm":
         chosen = [m for m in ranked if m.ddi_norm >= value]
-    return Selection(rule, value, tuple(chosen))
+    elif method == "safelora":
+        chosen = [m for m in ranked if m.cosine <= value]
+    else:
+        chosen = [m for m in ranked if suspicion(m, method) >= value]
+    return Selection(rule, value, tuple(chosen), method)

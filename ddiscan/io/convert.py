@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-__all__ = ["widen"]
+__all__ = ["widen", "frobenius"]
 
 # Elements per block: 256 KiB of float32, small enough to stay in L2.
 BLOCK = 1 << 16
@@ -51,3 +51,9 @@ def widen(array: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, float]:
             block[...] = flat[start:stop]
         total += float(np.dot(block, block))
     return out.reshape(array.shape), math.sqrt(total)
+
+
+def frobenius(array: np.ndarray) -> float:
+    """‖array‖_F of a float32/float64 array: BLAS ``dot`` per block, float64 across blocks."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return math.sqrt(sum(float(np.dot(flat[i:i + BLOCK], flat[i:i + BLOCK])) for i in range(0, flat.size, BLOCK)))
