@@ -149,20 +149,22 @@ class _Subspaces:
         return self.cache[key]
 
 
-def _read_ahead(items, load, *, enabled: bool):
-    """Yield ``(item, load(item))``, loading the next item in a thread while the caller
-    works on the current one, so reading overlaps computing; at most two are loaded."""
+def _read_ahead(items, fetch, load, *, enabled: bool):
+    """Yield ``(item, load(item, fetch(item)))`` while a thread fetches the next item —
+    maps it and brings its bytes into the page cache — so reading overlaps computing; the
+    thread waits on I/O and leaves the cores to BLAS, and only the current item is
+    widened in memory."""
     if not enabled or len(items) < 2:
         for item in items:
-            yield item, load(item)
+            yield item, load(item, fetch(item))
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddiscan-read") as pool:
-        pending = pool.submit(load, items[0])
+        ahead = pool.submit(fetch, items[0])
         for i, item in enumerate(items):
-            current = pending.result()
-            pending = pool.submit(load, items[i + 1]) if i + 1 < len(items) else None
-            yield item, current
-            del current
+            mapped = ahead.result()
+            ahead = pool.submit(fetch, items[i + 1]) if i + 1 < len(items) else None
+            yield item, load(item, mapped)
+            del mapped
 
 
 @contextmanager
@@ -274,7 +276,8 @@ def scan_many(
     threads : int, optional
         Threads BLAS may use; default: its own choice (usually one per core).
     read_ahead : bool, default True
-        Read and widen the next base tensor in a thread while the current one is scored.
+        Ask the kernel to read the next base tensor in the background while the current
+        one is scored (``posix_fadvise(WILLNEED)``).
     progress : bool, default False
         Show a progress bar on stderr.
     method : {"ddi", "safelora", "splora"}, default "ddi"
@@ -350,16 +353,22 @@ def scan_many(
             plan.setdefault(module.base_key, []).append((i, module))
     dtype = np.float64 if exact else np.float32
 
-    def load(key):
-        """Read one base weight (or the alignment update A) and its LoRA factors; runs
-        ahead of the kernels in a thread."""
+    def fetch(key):
+        """Map the tensors a key needs and bring their bytes into the page cache."""
+        if pair is not None:
+            return _alignment_pair(pair, key, source.info(key).shape)
+        return None if isinstance(source, Profile) else source.fetch(key)
+
+    def load(key, mapped):
+        """Widen one base weight (or form the alignment update A); read its LoRA factors."""
         factors = [lora_factors(module, opened[i].file) for i, module in plan[key]]
         if pair is not None:
-            diff = _alignment_update(pair, key, source.info(key).shape)
+            diff, _ = widen(mapped[0])
+            diff -= widen(mapped[1])[0]
             return factors, diff, frobenius(diff)
         if isinstance(source, Profile):
             return factors, None, source.norm(key)
-        w0, norm = widen(source.array(key), dtype)
+        w0, norm = widen(mapped, dtype)
         return factors, w0, norm
 
     scores: list[list[ModuleScore]] = [[] for _ in opened]
@@ -368,7 +377,7 @@ def scan_many(
                   omega_cache=omega_cache)
     with _blas_threads(threads):
         keys = _reading_order(source, plan)
-        loaded = _read_ahead(keys, load, enabled=read_ahead)
+        loaded = _read_ahead(keys, fetch, load, enabled=read_ahead)
         for key, (factors, w0, norm) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
                                              file=sys.stderr, disable=not progress):
             subspaces = _Subspaces(source, key, w0, **sketch)
@@ -390,16 +399,22 @@ def scan_many(
             for i, (adapter, found) in enumerate(zip(opened, matched))]
 
 
-def _alignment_update(pair, key: str, shape) -> np.ndarray:
-    """A = W_aligned − W_unaligned for one base key, float32, checked against the base's shape."""
-    aligned, unaligned = pair
+def _alignment_pair(pair, key: str, shape) -> tuple[np.ndarray, np.ndarray]:
+    """W_aligned and W_unaligned for one base key, mapped and fetched, checked against the
+    base's shape."""
     for index in pair:
         if key not in index:
             raise InputError(f"{index.path}: has no {key}, which the adapter updates")
         if tuple(index.info(key).shape) != tuple(shape):
             raise ShapeMismatch(f"{index.path}: {key} is {list(index.info(key).shape)}, the base's is {list(shape)}")
-    diff, _ = widen(aligned.array(key))
-    diff -= widen(unaligned.array(key))[0]
+    return pair[0].fetch(key), pair[1].fetch(key)
+
+
+def _alignment_update(pair, key: str, shape) -> np.ndarray:
+    """A = W_aligned − W_unaligned for one base key, float32."""
+    aligned, unaligned = _alignment_pair(pair, key, shape)
+    diff, _ = widen(aligned)
+    diff -= widen(unaligned)[0]
     return diff
 
 

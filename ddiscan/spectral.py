@@ -64,6 +64,10 @@ def update_spectrum(up, down, scale: float, *, xp) -> Spectrum:
     """Singular values of ΔW = s · up · down without forming ΔW (SPEC.md §2, erratum E1).
 
     Thin QR: up = Q_U R_U, downᵀ = Q_V R_V; then σ(ΔW) = |s| · σ(R_U R_Vᵀ), an r × r SVD.
+    The R factors come from the Cholesky factors of the float64 Gram matrices UᵀU and
+    VVᵀ (the R of a thin QR, up to signs, at a fraction of Householder QR's cost on
+    tall-skinny factors), and from Householder QR when a Gram matrix is singular
+    (rank-deficient factors).
 
     Parameters
     ----------
@@ -76,13 +80,30 @@ def update_spectrum(up, down, scale: float, *, xp) -> Spectrum:
     -----
     Cost O((d + k) r²).
     """
-    _, r_up = xp.linalg.qr(up)
-    _, r_down = xp.linalg.qr(xp.linalg.matrix_transpose(down))
+    r_up = _r_factor(up, xp=xp)
+    r_down = _r_factor(xp.linalg.matrix_transpose(down), xp=xp)
     core = r_up @ xp.linalg.matrix_transpose(r_down)
     sigma = xp.linalg.svdvals(core) * abs(scale)
     energy = float(xp.sum(sigma * sigma))
     top = float(sigma[0]) ** 2 if sigma.shape[0] else 0.0
     return Spectrum(sigma=sigma, r_down=r_down, energy=energy, top=top)
+
+
+def _r_factor(block, *, xp):
+    """R of a thin QR of a tall float64 ``block``: Cholesky of its Gram matrix, or QR."""
+    upper = _cholesky_upper(xp.linalg.matrix_transpose(block) @ block, xp=xp)
+    return xp.linalg.qr(block)[1] if upper is None else upper
+
+
+def _cholesky_upper(gram, *, xp):
+    """Upper Cholesky factor R (gram = RᵀR), or None when gram is not positive definite."""
+    try:
+        upper = xp.linalg.matrix_transpose(xp.linalg.cholesky(gram))
+    except Exception:  # numpy raises LinAlgError; other namespaces may return NaN
+        return None
+    if not bool(xp.all(xp.isfinite(upper))) or not bool(xp.all(xp.linalg.diagonal(upper) > 0)):
+        return None
+    return upper
 
 
 def sharpness(spectrum: Spectrum) -> float:
@@ -173,10 +194,11 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
        factorization", ScalA 2014.
     """
     w0_t = xp.linalg.matrix_transpose(w0)
-    sample = orthonormalize(w0 @ omega, xp=xp)
+    sample = w0 @ omega
     for _ in range(power_iters):
-        back = orthonormalize(w0_t @ sample, xp=xp)
-        sample = orthonormalize(w0 @ back, xp=xp)
+        back = orthonormalize(w0_t @ orthonormalize(sample, xp=xp, passes=1), xp=xp, passes=1)
+        sample = w0 @ back
+    sample = orthonormalize(sample, xp=xp)
     small = xp.astype(xp.linalg.matrix_transpose(sample) @ w0, xp.float64)
     values, vectors = xp.linalg.eigh(small @ xp.linalg.matrix_transpose(small))
     rotation = xp.take(vectors, xp.argsort(-values)[:t], axis=1)
@@ -196,22 +218,19 @@ def exact_basis(w0, *, t: int, xp, right: bool = False):
     return left[:, :t], xp.linalg.matrix_transpose(right_t[:t, :])
 
 
-def orthonormalize(block, *, xp):
+def orthonormalize(block, *, xp, passes: int = 2):
     """An orthonormal basis of the columns of a tall ``block`` (n × l), same dtype.
 
-    CholeskyQR2: R from the Cholesky factor of the Gram matrix BᵀB (in float64), Q = B R⁻¹,
-    done twice so Q is orthonormal to working precision [2]_. A rank-deficient block, for
-    which the Gram matrix is singular, falls back to Householder QR.
+    Cholesky QR: R from the Cholesky factor of the Gram matrix BᵀB (formed in float64),
+    Q = B R⁻¹ in the block's dtype. One pass normalises a block between power iterations,
+    where only its span matters; two (CholeskyQR2) make Q orthonormal to working
+    precision [2]_. A block whose Gram matrix is singular falls back to Householder QR.
     """
     q = block
-    for _ in range(2):
+    for _ in range(passes):
         wide = xp.astype(q, xp.float64)
-        gram = xp.linalg.matrix_transpose(wide) @ wide
-        try:
-            upper = xp.linalg.matrix_transpose(xp.linalg.cholesky(gram))
-        except Exception:  # numpy raises LinAlgError for a singular Gram matrix
-            upper = None
-        if upper is None or not bool(xp.all(xp.isfinite(upper))) or not bool(xp.all(xp.linalg.diagonal(upper) > 0)):
+        upper = _cholesky_upper(xp.linalg.matrix_transpose(wide) @ wide, xp=xp)
+        if upper is None:
             return xp.linalg.qr(block)[0]
-        q = xp.astype(wide @ xp.linalg.inv(upper), block.dtype)
+        q = q @ xp.astype(xp.linalg.inv(upper), q.dtype)
     return q

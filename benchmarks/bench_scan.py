@@ -1,0 +1,863 @@
+"""How fast, how small and how accurate a ddiscan scan is on checkpoints shaped like real LLMs.
+
+Run (not part of the test suite; needs the ``test`` extra for torch/transformers/PEFT):
+
+    python benchmarks/bench_scan.py [--shape 1b|8b|all] [--cache-dir DIR] [--out benchmarks/RESULTS.md]
+
+The first run generates, once, under ``--cache-dir`` (default ``~/.cache/ddiscan-bench``):
+
+* base checkpoints shaped like LLaMA-3.2-1B (16 blocks, hidden 2048, k/v 512, MLP 8192,
+  vocabulary 128256, tied embeddings, bfloat16, 2 shards + ``model.safetensors.index.json``)
+  and like LLaMA-3-8B (32 blocks, hidden 4096, k/v 1024, MLP 14336, untied lm_head, 4
+  shards), LLaMA key names, a ``config.json`` so transformers loads them. Every projection
+  weight is W0 = A·diag(σ)·B + N: A (d × 256), B (256 × k) Gaussian with unit-norm-ish
+  columns, σᵢ = 4·e·(i+1)^-0.4 with e ≈ the noise bulk's edge, N i.i.d. uniform noise of
+  std 0.02 (a weight-like scale) — a power-law head that sinks into a Marchenko–Pastur
+  bulk around i ≈ 40, so the top-t subspace is *not* trivially separated. Written one
+  tensor at a time (never more than one weight in memory).
+* PEFT adapters (``adapter_config.json`` + ``adapter_model.safetensors``, float32) of rank
+  8 and 64 on q/k/v/o and on every linear layer (q,k,v,o,gate,up,down), lora_alpha = 2r.
+  lora_B mixes W0's top-2r generating directions with noise (half the energy each) so
+  that O depends on getting the subspace right (a random ΔW has O ≈ 1 − t/d for *any*
+  t-dimensional subspace and would hide every accuracy problem).
+
+Then it measures, per shape and adapter (see ``--help`` for the knobs):
+
+* read floor — time to read exactly the targeted base tensors' bytes once (``readinto``),
+  warm page cache (median) and cold (after ``echo 3 > /proc/sys/vm/drop_caches``, if
+  allowed);
+* compute floor — the sketch's matrix products alone on float32 copies in memory: W0 Ω,
+  ``p`` power iterations (W0ᵀY, W0Z; a scalar rescale in place of each QR), Q₀ᵀ W0, with
+  ddiscan's t = r, q = 8 and p = DEFAULT_POWER_ITERS; timed once per distinct (d, k, t)
+  (best of 5) × its count; also the same with numpy's Householder QRs and small SVD;
+* ``ddiscan report`` as a subprocess — wall, CPU (user+sys) and peak RSS from ``wait4``;
+  warm (median) and cold; ``--exact`` once where asked (``--exact-on``);
+* the torch path a user would write instead (subprocess): ``LlamaForCausalLM`` in bfloat16
+  + ``PeftModel.from_pretrained``, then per LoRA layer ΔW = s·B·A, Q_t from
+  ``torch.svd_lowrank(W0, q=t+8, niter=p)`` (exact: ``torch.linalg.svd``), S, O, M;
+* accuracy — max |O − O_exact| over modules, O_exact from W0's top-t left singular vectors
+  in float64 (eigh of the smaller Gram matrix; checked against ``ddiscan --exact``), on
+  every module or on a sample of blocks (``--ref-blocks``);
+* a per-module profile of ddiscan's loop (an instrumented copy of the steps of
+  ``ddiscan.scan``/``ddiscan.spectral.randomized_basis``) and a cProfile of ``ddiscan.scan``
+  itself.
+
+Results: a table on stdout, ``--out`` (Markdown), and the raw numbers as JSON in the cache
+directory (``results-<shape>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+GEN_VERSION = "1"  # bump when the generated data changes
+SIGNAL_RANK = 256
+NOISE_STD = 0.02
+EPS = 1e-6
+
+SHAPES = {
+    "1b": dict(label="LLaMA-3.2-1B-shaped", layers=16, hidden=2048, kv=512, mlp=8192, vocab=128256,
+               heads=32, kv_heads=8, tie=True, shards=2),
+    "8b": dict(label="LLaMA-3-8B-shaped", layers=32, hidden=4096, kv=1024, mlp=14336, vocab=128256,
+               heads=32, kv_heads=8, tie=False, shards=4),
+}
+QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL = QKVO + ("gate_proj", "up_proj", "down_proj")
+ADAPTERS = {"r8-qkvo": (8, QKVO), "r64-qkvo": (64, QKVO), "r8-all": (8, ALL), "r64-all": (64, ALL)}
+DEFAULT_ADAPTERS = {"1b": "r8-qkvo,r64-qkvo,r8-all,r64-all", "8b": "r8-qkvo,r64-qkvo,r8-all"}
+ATTN = QKVO
+
+
+def module_path(layer: int, kind: str) -> str:
+    return f"model.layers.{layer}.{'self_attn' if kind in ATTN else 'mlp'}.{kind}"
+
+
+def module_shape(cfg: dict, kind: str) -> tuple[int, int]:
+    h, kv, m = cfg["hidden"], cfg["kv"], cfg["mlp"]
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (m, h), "up_proj": (m, h), "down_proj": (h, m)}[kind]
+
+
+def seed_of(name: str) -> int:
+    return zlib.crc32(name.encode()) & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- generation
+
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bits (truncation), as uint16, little-endian."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x.view(np.uint16)[..., 1::2].copy()
+
+
+def signal_factors(name: str, d: int, k: int):
+    """The generating factors of a projection weight: A (d × m) scaled by σ, B (m × k)."""
+    rng = np.random.default_rng(seed_of(name))
+    m = min(SIGNAL_RANK, d, k)
+    edge = NOISE_STD * (math.sqrt(d) + math.sqrt(k))
+    sigma = (4.0 * edge * (np.arange(m) + 1.0) ** -0.4).astype(np.float32)
+    a = rng.standard_normal((d, m), dtype=np.float32) / np.float32(math.sqrt(d))
+    b = rng.standard_normal((m, k), dtype=np.float32) / np.float32(math.sqrt(k))
+    return a, sigma, b, rng
+
+
+def make_tensor(name: str, shape: tuple, cfg: dict) -> np.ndarray:
+    """One base tensor as bfloat16 bits (uint16)."""
+    if len(shape) == 1:
+        rng = np.random.default_rng(seed_of(name))
+        return to_bf16_bits(1.0 + 0.05 * rng.standard_normal(shape, dtype=np.float32))
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        rng = np.random.default_rng(seed_of(name))
+        out = np.empty(shape, np.uint16)
+        for start in range(0, shape[0], 16384):
+            stop = min(start + 16384, shape[0])
+            block = rng.random((stop - start, shape[1]), dtype=np.float32)
+            block -= 0.5
+            block *= np.float32(NOISE_STD * math.sqrt(12))
+            out[start:stop] = to_bf16_bits(block)
+        return out
+    d, k = shape
+    a, sigma, b, rng = signal_factors(name, d, k)
+    w = (a * sigma) @ b
+    noise = rng.random((d, k), dtype=np.float32)
+    noise -= 0.5
+    noise *= np.float32(NOISE_STD * math.sqrt(12))  # uniform with std NOISE_STD
+    w += noise
+    del noise
+    return to_bf16_bits(w)
+
+
+def checkpoint_tensors(cfg: dict):
+    """(name, shape, shard) in file order."""
+    per = math.ceil(cfg["layers"] / cfg["shards"])
+    out = [("model.embed_tokens.weight", (cfg["vocab"], cfg["hidden"]), 0)]
+    for layer in range(cfg["layers"]):
+        shard = layer // per
+        out.append((f"model.layers.{layer}.input_layernorm.weight", (cfg["hidden"],), shard))
+        for kind in ALL[:4]:
+            out.append((f"{module_path(layer, kind)}.weight", module_shape(cfg, kind), shard))
+        out.append((f"model.layers.{layer}.post_attention_layernorm.weight", (cfg["hidden"],), shard))
+        for kind in ALL[4:]:
+            out.append((f"{module_path(layer, kind)}.weight", module_shape(cfg, kind), shard))
+    last = cfg["shards"] - 1
+    out.append(("model.norm.weight", (cfg["hidden"],), last))
+    if not cfg["tie"]:
+        out.append(("lm_head.weight", (cfg["vocab"], cfg["hidden"]), last))
+    return out
+
+
+def write_streamed(path: Path, entries: list, cfg: dict) -> int:
+    """Write a BF16 safetensors file one tensor at a time; the header is known up front."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in entries:
+        size = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, shape in entries:
+            f.write(make_tensor(name, shape, cfg).tobytes())
+    tmp.rename(path)
+    return offset
+
+
+def generate_base(shape: str, root: Path) -> Path:
+    cfg = SHAPES[shape]
+    out = root / f"base-{shape}"
+    done = out / f".complete-v{GEN_VERSION}"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    tensors = checkpoint_tensors(cfg)
+    n = cfg["shards"]
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    total = 0
+    for i in range(n):
+        entries = [(name, shp) for name, shp, s in tensors if s == i]
+        print(f"  writing {out / names[i]} ({len(entries)} tensors)", file=sys.stderr, flush=True)
+        total += write_streamed(out / names[i], entries, cfg)
+    index = {"metadata": {"total_size": total}, "weight_map": {name: names[s] for name, _, s in tensors}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["hidden"],
+        "intermediate_size": cfg["mlp"], "num_hidden_layers": cfg["layers"],
+        "num_attention_heads": cfg["heads"], "num_key_value_heads": cfg["kv_heads"],
+        "head_dim": cfg["hidden"] // cfg["heads"], "vocab_size": cfg["vocab"], "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0, "max_position_embeddings": 131072, "tie_word_embeddings": cfg["tie"],
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "bfloat16",
+        "bos_token_id": 128000, "eos_token_id": 128001,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    from safetensors import safe_open  # the real library must accept what was streamed
+    for name in names:
+        with safe_open(out / name, framework="np") as f:
+            assert len(list(f.keys())) > 0
+    done.write_text(f"{total} bytes in {time.perf_counter() - t0:.0f} s\n")
+    print(f"  generated {total / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def generate_adapter(shape: str, adapter: str, root: Path) -> Path:
+    from safetensors.numpy import save_file
+
+    cfg = SHAPES[shape]
+    r, kinds = ADAPTERS[adapter]
+    out = root / f"adapter-{shape}-{adapter}"
+    done = out / f".complete-v{GEN_VERSION}"
+    if done.exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer in range(cfg["layers"]):
+        for kind in kinds:
+            path = module_path(layer, kind)
+            d, k = module_shape(cfg, kind)
+            a, _, _, _ = signal_factors(f"{path}.weight", d, k)  # W0's generating directions
+            rng = np.random.default_rng(seed_of(f"{adapter}:{path}"))
+            lead = a[:, : 2 * r] @ rng.standard_normal((2 * r, r), dtype=np.float32)
+            lead *= np.float32(1 / math.sqrt(2 * r))
+            noise = rng.standard_normal((d, r), dtype=np.float32) / np.float32(math.sqrt(d))
+            lora_b = 0.01 * (lead / np.linalg.norm(lead) + noise / np.linalg.norm(noise)) * math.sqrt(r)
+            lora_a = rng.standard_normal((r, k), dtype=np.float32) / np.float32(math.sqrt(k))
+            key = f"base_model.model.{path}"
+            tensors[f"{key}.lora_A.weight"] = np.ascontiguousarray(lora_a, dtype=np.float32)
+            tensors[f"{key}.lora_B.weight"] = np.ascontiguousarray(lora_b, dtype=np.float32)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(root / f"base-{shape}"),
+        "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0, "target_modules": list(kinds), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    done.write_text("ok\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_measured(cmd: list, env: dict | None = None) -> dict:
+    """Wall, CPU and peak RSS of one child process (``wait4`` gives that child's rusage)."""
+    # Linux carries the parent's RSS high-water mark into a forked child across exec, so the
+    # child's own ru_maxrss would include this (large) process: /usr/bin/time, itself small,
+    # forks the measured command and reports its true peak (%M, KiB).
+    timed = Path("/usr/bin/time").exists()
+    with tempfile.TemporaryFile() as log, tempfile.NamedTemporaryFile("r") as rss:
+        full = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *map(str, cmd)] if timed else cmd
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(full, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+        peak_kib = int(rss.read().split()[-1]) if timed else usage.ru_maxrss
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{text[-3000:]}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": peak_kib / 1024,
+            "majflt": usage.ru_majflt, "minflt": usage.ru_minflt}
+
+
+def median_runs(runs: list) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]} | {"n": len(runs)}
+
+
+def targeted(shape: str, adapter: str) -> list:
+    cfg = SHAPES[shape]
+    r, kinds = ADAPTERS[adapter]
+    return [(f"{module_path(layer, kind)}.weight", *module_shape(cfg, kind), r)
+            for layer in range(cfg["layers"]) for kind in kinds]
+
+
+def tensor_locations(base: Path) -> dict:
+    from ddiscan.io.index import TensorIndex
+
+    index = TensorIndex(base)
+    return {name: (index.file_of(name).path, index.info(name).start, index.info(name).end)
+            for name in index.keys()}
+
+
+def read_floor(keys: list, locations: dict) -> float:
+    """Read exactly the targeted tensors' bytes once, into one reused buffer."""
+    biggest = max(locations[k][2] - locations[k][1] for k in keys)
+    buf = memoryview(bytearray(biggest))
+    handles = {}
+    t0 = time.perf_counter()
+    for key in keys:
+        path, start, end = locations[key]
+        f = handles.get(path) or handles.setdefault(path, open(path, "rb", buffering=0))
+        f.seek(start)
+        want, got = end - start, 0
+        while got < want:
+            n = f.readinto(buf[got:want])
+            got += n
+    elapsed = time.perf_counter() - t0
+    for f in handles.values():
+        f.close()
+    return elapsed
+
+
+def sketch(w0: np.ndarray, omega: np.ndarray, t: int, p: int) -> np.ndarray:
+    """The randomized range finder, written directly (the compute floor)."""
+    y, _ = np.linalg.qr(w0 @ omega)
+    for _ in range(p):
+        z, _ = np.linalg.qr(w0.T @ y)
+        y, _ = np.linalg.qr(w0 @ z)
+    small = y.T @ w0
+    u, _, _ = np.linalg.svd(small, full_matrices=False)
+    return y @ u[:, :t]
+
+
+def widen_bf16(array: np.ndarray) -> np.ndarray:
+    """bfloat16 (or any float) → float32; bfloat16 exactly, by a 16-bit shift (ddiscan 0.1's way)."""
+    if array.dtype.name == "bfloat16":
+        out = array.view(np.uint16).astype(np.uint32)
+        out <<= 16
+        return out.view(np.float32)
+    return np.array(array, dtype=np.float32)
+
+
+def frobenius_blocks(w0: np.ndarray, block_rows: int = 1024) -> float:
+    """‖W0‖_F accumulated in float64 over row blocks (ddiscan 0.1's way)."""
+    total = 0.0
+    for start in range(0, w0.shape[0], block_rows):
+        block = w0[start:start + block_rows].astype(np.float64)
+        total += float(np.sum(block * block))
+    return math.sqrt(total)
+
+
+def load_f32(base_index, key: str) -> np.ndarray:
+    return widen_bf16(base_index.array(key))
+
+
+def sketch_products(w0: np.ndarray, omega: np.ndarray, p: int) -> None:
+    """The sketch's matrix products alone: W0 Ω, p × (W0ᵀ Y, W0 Z), Q₀ᵀ W0 — rescaled by a
+    scalar between products (O(d·l), to keep the numbers finite) instead of orthonormalised."""
+    y = w0 @ omega
+    for _ in range(p):
+        y /= np.float32(np.abs(y).max())
+        z = w0.T @ y
+        z /= np.float32(np.abs(z).max())
+        y = w0 @ z
+    y /= np.float32(np.abs(y).max())
+    y.T @ w0
+
+
+def compute_floor(mods: list, base_index, p: int, q: int) -> tuple[float, float]:
+    """(products alone, products + numpy Householder QRs + small SVD), summed over modules."""
+    from ddiscan import spectral
+
+    groups: dict = {}
+    for key, d, k, r in mods:
+        groups.setdefault((d, k, r), []).append(key)
+    products = with_qr = 0.0
+    for (d, k, r), keys in groups.items():
+        w0 = load_f32(base_index, keys[0])
+        t = min(r, d, k)
+        omega = spectral.gaussian_test_matrix(k, min(t + q, d, k), 0)
+        times, times_qr = [], []
+        for _ in range(5):  # a floor: the best of 5, robust to other load
+            t0 = time.perf_counter()
+            sketch_products(w0, omega, p)
+            times.append(time.perf_counter() - t0)
+        for _ in range(3):
+            t0 = time.perf_counter()
+            sketch(w0, omega, t, p)
+            times_qr.append(time.perf_counter() - t0)
+        products += min(times) * len(keys)
+        with_qr += min(times_qr) * len(keys)
+        del w0
+    return products, with_qr
+
+
+_REF_CACHE: dict = {}
+
+
+def reference_basis(base_index, key: str, tmax: int = 64) -> np.ndarray:
+    """W0's top-``tmax`` left singular vectors in float64, from the smaller Gram matrix."""
+    import scipy.linalg
+
+    if key in _REF_CACHE:
+        return _REF_CACHE[key]
+    w = load_f32(base_index, key).astype(np.float64)
+    d, k = w.shape
+    if d <= k:
+        g = w @ w.T
+        _, vecs = scipy.linalg.eigh(g, subset_by_index=[d - tmax, d - 1])
+        u = vecs[:, ::-1]
+    else:
+        g = w.T @ w
+        vals, vecs = scipy.linalg.eigh(g, subset_by_index=[k - tmax, k - 1])
+        u = (w @ vecs[:, ::-1]) / np.sqrt(vals[::-1])
+    _REF_CACHE[key] = u
+    return u
+
+
+def exact_deviation(basis_t: np.ndarray, up: np.ndarray, down: np.ndarray, scale: float) -> float:
+    qv, _ = np.linalg.qr(down.T)
+    _, rv = np.linalg.qr(down.T)
+    _, ru = np.linalg.qr(up)
+    energy = scale**2 * float(np.sum(np.linalg.svd(ru @ rv.T, compute_uv=False) ** 2))
+    inside = scale**2 * float(np.sum(((basis_t.T @ up) @ rv.T) ** 2))
+    return min(1.0, max(0.0, 1.0 - inside / (energy + EPS)))
+
+
+def reference_o(base_index, adapter_dir: Path, mods: list, ref_blocks) -> dict:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    out = {}
+    for key, d, k, r in mods:
+        block = int(key.split(".")[2])
+        if ref_blocks is not None and block not in ref_blocks:
+            continue
+        stem = "base_model.model." + key[: -len(".weight")]
+        up = tensors[f"{stem}.lora_B.weight"].astype(np.float64)
+        down = tensors[f"{stem}.lora_A.weight"].astype(np.float64)
+        basis = reference_basis(base_index, key)
+        out[key] = exact_deviation(basis[:, :r], up, down, scale)
+    return out
+
+
+def max_err(values: dict, ref: dict) -> float | None:
+    common = [k for k in ref if k in values]
+    return max(abs(values[k] - ref[k]) for k in common) if common else None
+
+
+# ----------------------------------------------------------------------------- torch path
+
+TORCH_WORKER = r'''
+import json, sys, time
+import torch
+from transformers import LlamaForCausalLM
+from peft import PeftModel
+
+base, adapter, mode, out, p, q = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+torch.manual_seed(0)
+t0 = time.perf_counter()
+model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, adapter)
+model.eval()
+t1 = time.perf_counter()
+eps = 1e-6
+scores = {}
+with torch.no_grad():
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {})):
+            continue
+        w0 = module.base_layer.weight.float()
+        a = module.lora_A["default"].weight.float()
+        b = module.lora_B["default"].weight.float()
+        s = module.scaling["default"]
+        r = a.shape[0]
+        t = r
+        delta = s * (b @ a)
+        energy = (delta ** 2).sum().item()
+        if mode == "exact":
+            u, _, _ = torch.linalg.svd(w0, full_matrices=False)
+            sigma = torch.linalg.svdvals(delta)
+        else:
+            u, _, _ = torch.svd_lowrank(w0, q=min(t + q, *w0.shape), niter=p)
+            _, sigma, _ = torch.svd_lowrank(delta, q=min(r + q, *delta.shape), niter=p)
+        basis = u[:, :t]
+        sharp = sigma[0].item() ** 2 / (energy + eps)
+        dev = min(1.0, max(0.0, 1.0 - ((basis.T @ delta) ** 2).sum().item() / (energy + eps)))
+        base_norm = torch.linalg.norm(w0).item()
+        m_norm = energy ** 0.5 / (base_norm + energy ** 0.5 + eps)
+        key = name[len("base_model.model."):] + ".weight"
+        scores[key] = {"S": sharp, "O": dev, "M_norm": m_norm, "DDI": sharp * dev * m_norm}
+t2 = time.perf_counter()
+json.dump({"load_s": t1 - t0, "score_s": t2 - t1, "scores": scores}, open(out, "w"))
+'''
+
+
+def torch_path(base: Path, adapter: Path, mode: str, p: int, q: int, workdir: Path) -> dict:
+    script = workdir / "torch_worker.py"
+    script.write_text(TORCH_WORKER)
+    out = workdir / f"torch-{mode}.json"
+    env = dict(os.environ, TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    stats = run_measured([sys.executable, str(script), str(base), str(adapter), mode, str(out), str(p), str(q)], env)
+    data = json.loads(out.read_text())
+    return stats | {"load_s": data["load_s"], "score_s": data["score_s"],
+                    "O": {k: v["O"] for k, v in data["scores"].items()}}
+
+
+def ddiscan_report(base: Path, adapter: Path, out: Path, extra=()) -> dict:
+    exe = Path(sys.executable).parent / "ddiscan"
+    cmd = [str(exe), "report", str(base), str(adapter), "-q", "--format", "json", "-o", str(out), *extra]
+    return run_measured(cmd)
+
+
+def report_o(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return {m["base_key"]: m["deviation"] for m in data["modules"] if m["deviation"] is not None}
+
+
+# ----------------------------------------------------------------------------- profile
+
+def profile_scan(base: Path, adapter: Path, p: int, q: int) -> dict:
+    """Per-step times of a scan's loop, by an instrumented copy of ddiscan 0.1's calls (warm
+    cache), so each elementary cost shows; then a cProfile of ``ddiscan.scan`` as it is now."""
+    from ddiscan import spectral
+    from ddiscan.io.index import TensorIndex
+    from ddiscan.lora import load_adapter, lora_factors, match_modules
+
+    try:
+        from ddiscan.io.convert import widen as current_widen
+    except ImportError:
+        current_widen = None
+    index = TensorIndex(base)
+    adapter_obj = load_adapter(adapter)
+    modules, _, _ = match_modules(adapter_obj, index, alpha=None, scaling=None, allow_unmatched=False)
+    steps: dict = {}
+    aside = set()
+
+    def tick(name, t0, extra=False):
+        now = time.perf_counter()
+        steps[name] = steps.get(name, 0.0) + now - t0
+        if extra:
+            aside.add(name)
+        return now
+
+    omega_cache: dict = {}
+    for module in modules:
+        t0 = time.perf_counter()
+        up, down = lora_factors(module, adapter_obj.file)
+        t0 = tick("adapter factors -> f64", t0)
+        mapped = index.array(module.base_key)
+        t0 = tick("mmap the base tensor", t0)
+        w0 = widen_bf16(mapped)
+        t0 = tick("page faults + bf16->f32 (first touch of the map)", t0)
+        widen_bf16(mapped)
+        t0 = tick("(aside) bf16->f32 alone, pages resident", t0, True)
+        if current_widen is not None:
+            current_widen(mapped, np.float32)
+            t0 = tick("(aside) ddiscan.io.convert.widen now (f32 + norm), pages resident", t0, True)
+        frobenius_blocks(w0)
+        t0 = tick("Frobenius norm (f64 row blocks)", t0)
+        spectrum = spectral.update_spectrum(up, down, module.scale, xp=np)
+        t0 = tick("update spectrum (QRs of the factors)", t0)
+        t = min(module.r, module.d, module.k)
+        width = min(t + q, module.d, module.k)
+        if (module.k, width) not in omega_cache:
+            omega_cache[(module.k, width)] = spectral.gaussian_test_matrix(module.k, width, 0)
+        omega = omega_cache[(module.k, width)].astype(w0.dtype)
+        t0 = tick("Omega (generate once per shape, cast)", t0)
+        y = w0 @ omega
+        t0 = tick("matmul W0 @ Omega", t0)
+        y, _ = np.linalg.qr(y)
+        t0 = tick("QR of d x (t+q)", t0)
+        for _ in range(p):
+            z = w0.T @ y
+            t0 = tick("matmul W0^T @ Y (power iters)", t0)
+            z, _ = np.linalg.qr(z)
+            t0 = tick("QR of k x (t+q)", t0)
+            y = w0 @ z
+            t0 = tick("matmul W0 @ Z (power iters)", t0)
+            y, _ = np.linalg.qr(y)
+            t0 = tick("QR of d x (t+q)", t0)
+        small = y.T @ w0
+        t0 = tick("matmul Q0^T @ W0", t0)
+        left, _, _ = np.linalg.svd(small, full_matrices=False)
+        t0 = tick("SVD of (t+q) x k", t0)
+        basis = y @ left[:, :t]
+        spectral.deviation(basis, up, spectrum, module.scale, xp=np)
+        t0 = tick("basis + deviation O", t0)
+        del w0, mapped
+    total = sum(v for k, v in steps.items() if k not in aside)
+
+    # cProfile of the real ddiscan.scan (whatever it is now)
+    import ddiscan
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    ddiscan.scan(base, adapter)
+    prof.disable()
+    scan_wall = time.perf_counter() - t0
+    stream = io.StringIO()
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(14)
+    lines = [ln for ln in stream.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    return {"modules": len(modules), "steps": steps, "aside": sorted(aside), "total": total, "cprofile": lines[start:start + 15],
+            "scan_wall_inprocess": scan_wall}
+
+
+# ----------------------------------------------------------------------------- main
+
+def machine_info() -> dict:
+    info = {"cpus": os.cpu_count(), "mem_gib": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+            "python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [f"{p.get('internal_api')} {p.get('version')} ({p.get('threading_layer', '')}, "
+                        f"{p.get('num_threads')} threads, {p.get('architecture', '')})" for p in threadpool_info()]
+    except ImportError:
+        info["blas"] = ["threadpoolctl not installed"]
+    try:
+        import torch
+
+        info["torch"] = f"{torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        pass
+    return info
+
+
+def bench_one(shape: str, adapter: str, base: Path, adapter_dir: Path, args, work: Path, can_drop: bool) -> dict:
+    from ddiscan.io.index import TensorIndex
+    from ddiscan.scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+
+    p, q = DEFAULT_POWER_ITERS, DEFAULT_OVERSAMPLE
+    mods = targeted(shape, adapter)
+    keys = [m[0] for m in mods]
+    locations = tensor_locations(base)
+    index = TensorIndex(base)
+    res = {"shape": shape, "adapter": adapter, "modules": len(mods), "p": p, "q": q,
+           "bytes": sum(locations[k][2] - locations[k][1] for k in keys),
+           "largest_f32_mb": max(d * k for _, d, k, _ in mods) * 4 / 1e6}
+    log = lambda msg: print(f"[{shape} {adapter}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    read_floor(keys, locations)  # warm the cache
+    res["read_warm"] = min(read_floor(keys, locations) for _ in range(max(3, args.repeats)))
+    if can_drop and args.cold:
+        cold = []
+        for _ in range(args.cold_repeats):
+            drop_caches()
+            cold.append(read_floor(keys, locations))
+        res["read_cold"] = statistics.median(cold)
+    log(f"read floor warm {res['read_warm']:.2f}s cold {res.get('read_cold', float('nan')):.2f}s")
+    res["compute"], res["compute_householder"] = compute_floor(mods, index, p, q)
+    log(f"compute floor {res['compute']:.2f}s")
+
+    out = work / "report.json"
+    read_floor(keys, locations)
+    ddiscan_report(base, adapter_dir, out)  # warm-up
+    res["scan_warm"] = median_runs([ddiscan_report(base, adapter_dir, out) for _ in range(args.repeats)])
+    scan_o = report_o(out)
+    log(f"scan warm {res['scan_warm']}")
+    if can_drop and args.cold:
+        runs = []
+        for _ in range(args.cold_repeats):
+            drop_caches()
+            runs.append(ddiscan_report(base, adapter_dir, out))
+        res["scan_cold"] = median_runs(runs)
+        log(f"scan cold {res['scan_cold']}")
+    res["startup"] = median_runs([run_measured([str(Path(sys.executable).parent / "ddiscan"), "--version"])
+                                  for _ in range(3)])
+
+    exact_o = None
+    if f"{shape}:{adapter}" in args.exact_on:
+        res["scan_exact"] = ddiscan_report(base, adapter_dir, out, ["--exact"])
+        exact_o = report_o(out)
+        log(f"scan --exact {res['scan_exact']}")
+
+    if not args.skip_torch:
+        res["torch"] = torch_path(base, adapter_dir, "lowrank", p, q, work)
+        log(f"torch lowrank wall {res['torch']['wall']:.1f}s rss {res['torch']['rss_mb']:.0f}MB")
+        if f"{shape}:{adapter}" in args.exact_on:
+            res["torch_exact"] = torch_path(base, adapter_dir, "exact", p, q, work)
+            log(f"torch exact wall {res['torch_exact']['wall']:.1f}s")
+
+    ref_blocks = None
+    if args.ref_blocks.get(shape) is not None:
+        ref_blocks = set(args.ref_blocks[shape])
+    ref = reference_o(index, adapter_dir, mods, ref_blocks)
+    res["ref_modules"] = len(ref)
+    res["err_scan"] = max_err(scan_o, ref)
+    if exact_o is not None:
+        res["err_ddiscan_exact"] = max_err(exact_o, ref)
+    if "torch" in res:
+        res["err_torch"] = max_err(res["torch"].pop("O"), ref)
+    if "torch_exact" in res:
+        res["err_torch_exact"] = max_err(res["torch_exact"].pop("O"), ref)
+    res["O_range"] = [min(ref.values()), max(ref.values())]
+    log(f"accuracy {res['err_scan']:.2e} on {len(ref)} modules")
+    return res
+
+
+def fmt(x, spec=".2f"):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def render(results: list, profiles: dict, info: dict, can_drop: bool, elapsed: float) -> str:
+    lines = ["# ddiscan scan benchmark", "",
+             f"Generated by `python benchmarks/bench_scan.py` ({time.strftime('%Y-%m-%d %H:%M')}, "
+             f"{elapsed / 60:.0f} min). Rerun to refresh; see benchmarks/README.md.", "",
+             "## Machine", "",
+             f"* {info['cpus']} CPUs, {info['mem_gib']:.1f} GiB RAM, {info['platform']}",
+             f"* Python {info['python']}, numpy {info['numpy']}, torch {info.get('torch', '—')}",
+             *[f"* BLAS: {b}" for b in info["blas"]],
+             f"* dropping the page cache (`echo 3 > /proc/sys/vm/drop_caches`): "
+             f"{'works — cold numbers are real' if can_drop else 'not permitted — no cold numbers'}", "",
+             "## Results", "",
+             "Times in seconds (scan and torch: medians of warm runs; read warm and compute floor: best of "
+             "runs; cold = after dropping the page cache, one run unless `--cold-repeats`). Default "
+             "scan: t = r, q = 8, p = DEFAULT_POWER_ITERS. `scan` is `ddiscan report ... -q --format json -o F` "
+             "as a subprocess, including interpreter start-up (`startup` = `ddiscan --version`).", "",
+             "| shape | adapter | modules | targeted GB (bf16) | read warm | read cold | compute floor "
+             "| scan warm | scan cold | scan CPU | startup | scan RSS MB | torch path | torch RSS MB "
+             "| scan --exact | torch exact | sketch w/ numpy QR |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        g = lambda k, f="wall": r[k][f] if k in r else None  # noqa: E731
+        lines.append(
+            f"| {r['shape']} | {r['adapter']} | {r['modules']} | {r['bytes'] / 1e9:.2f} | {fmt(r['read_warm'])} "
+            f"| {fmt(r.get('read_cold'))} | {fmt(r['compute'])} | {fmt(g('scan_warm'))} | {fmt(g('scan_cold'))} "
+            f"| {fmt(g('scan_warm', 'cpu'))} | {fmt(g('startup'))} | {fmt(g('scan_warm', 'rss_mb'), '.0f')} "
+            f"| {fmt(g('torch'))} | {fmt(g('torch', 'rss_mb'), '.0f')} | {fmt(g('scan_exact'))} "
+            f"| {fmt(g('torch_exact'))} | {fmt(r.get('compute_householder'))} |")
+    lines += ["", "### Ratios against the targets", "",
+              "| shape | adapter | warm: scan / (read+compute) ≤ 1.25 | cold: scan / max(read, compute) ≤ 1.25 "
+              "| torch / scan ≥ 3 | scan RSS / torch RSS ≤ 0.2 | exact / default "
+              "| RSS / (largest f32 tensor MB) | RSS ≤ 3·largest f32 + 150 MB | max abs ΔO scan | ΔO torch "
+              "| ΔO ddiscan --exact | ΔO torch exact | reference modules |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        warm = r["scan_warm"]["wall"]
+        cold = r.get("scan_cold", {}).get("wall")
+        rss = r["scan_warm"]["rss_mb"]
+        big = r["largest_f32_mb"]
+        limit = 3 * big + 150
+        rw = ratio(warm, r["read_warm"] + r["compute"])
+        rc = ratio(cold, max(r.get("read_cold") or 0, r["compute"])) if cold else None
+        rt = ratio(r.get("torch", {}).get("wall"), warm)
+        rm = ratio(rss, r.get("torch", {}).get("rss_mb"))
+        re = ratio(r.get("scan_exact", {}).get("wall"), warm)
+        mark = lambda v, ok: "—" if v is None else f"{v:.2f} {'✓' if ok(v) else '✗'}"  # noqa: E731
+        lines.append(
+            f"| {r['shape']} | {r['adapter']} | {mark(rw, lambda v: v <= 1.25)} | {mark(rc, lambda v: v <= 1.25)} "
+            f"| {mark(rt, lambda v: v >= 3)} | {mark(rm, lambda v: v <= 0.2)} | {fmt(re)} | {rss / big:.2f} "
+            f"| {rss:.0f} vs {limit:.0f} {'✓' if rss <= limit else '✗'} | {fmt(r['err_scan'], '.1e')} "
+            f"| {fmt(r.get('err_torch'), '.1e')} | {fmt(r.get('err_ddiscan_exact'), '.1e')} "
+            f"| {fmt(r.get('err_torch_exact'), '.1e')} | {r['ref_modules']} (O in {r['O_range'][0]:.2f}–{r['O_range'][1]:.2f}) |")
+    lines += ["", "Columns: `read` reads exactly the targeted tensors' bytes once; `compute floor` is the "
+              "sketch's matrix products alone (W0 Ω, 2p power-iteration products, Q₀ᵀW0; a scalar rescale "
+              "instead of each QR) on float32 copies in memory, one distinct (d, k, t) timed (best of 5) × its "
+              "count; `sketch w/ numpy QR` the same with numpy's Householder QR after every product and the "
+              "small SVD (ddiscan 0.1's kernel); `torch path` loads base + adapter "
+              "with transformers + PEFT (bfloat16) and scores with `torch.svd_lowrank(q=t+8, niter=p)`, "
+              "`torch exact` with `torch.linalg.svd` (wall includes the model load: see the JSON for "
+              "load/score). ΔO = max |O − O_exact| over the reference modules, O_exact from float64 top-t "
+              "singular vectors of W0."]
+    for (shape, adapter), prof in profiles.items():
+        lines += ["", f"## Profile: {shape} {adapter} ({prof['modules']} modules, warm cache, in-process)", "",
+                  "An instrumented copy of `ddiscan.scan`'s loop (same calls, timed one by one; the sketch "
+                  "steps re-implement `spectral.randomized_basis` to split matmuls from QRs):", "",
+                  "| step | total s | per module ms | share |", "| --- | --- | --- | --- |"]
+        for name, secs in sorted(prof["steps"].items(), key=lambda kv: -kv[1]):
+            share = "" if name in prof["aside"] else f"{100 * secs / prof['total']:.0f}%"
+            lines.append(f"| {name.strip()} | {secs:.2f} | {1000 * secs / prof['modules']:.1f} | {share} |")
+        lines += [f"| **total** | {prof['total']:.2f} | {1000 * prof['total'] / prof['modules']:.1f} | |", "",
+                  f"cProfile of `ddiscan.scan` as it is now (in-process wall {prof['scan_wall_inprocess']:.2f} s), "
+                  "top functions by own time:", "", "```", *prof["cprofile"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=["1b", "8b", "all"], default="1b")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "ddiscan-bench")
+    parser.add_argument("--adapters", default=None, help="comma-separated, of " + ", ".join(ADAPTERS)
+                        + f" (default 1b: {DEFAULT_ADAPTERS['1b']}; 8b: {DEFAULT_ADAPTERS['8b']})")
+    parser.add_argument("--repeats", type=int, default=3, help="warm repetitions (median)")
+    parser.add_argument("--cold-repeats", type=int, default=1)
+    parser.add_argument("--no-cold", dest="cold", action="store_false")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--exact-on", default="1b:r8-qkvo", help="SHAPE:ADAPTER list for --exact runs")
+    parser.add_argument("--ref-blocks-8b", default="0,31",
+                        help="blocks of the 8b shape whose exact O is computed ('all' for every one)")
+    parser.add_argument("--ref-blocks-1b", default="0,5,10,15",
+                        help="blocks of the 1b shape whose exact O is computed ('all' for every one)")
+    parser.add_argument("--profile", default="1b:r8-qkvo,1b:r64-all", help="SHAPE:ADAPTER list to profile")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--generate-only", action="store_true")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite --out from the last run's results-<shape>.json (also a partial one)")
+    args = parser.parse_args(argv)
+    args.exact_on = set(filter(None, args.exact_on.split(",")))
+    args.ref_blocks = {s: None if v == "all" else [int(b) for b in v.split(",")]
+                       for s, v in (("1b", args.ref_blocks_1b), ("8b", args.ref_blocks_8b))}
+    shapes = ["1b", "8b"] if args.shape == "all" else [args.shape]
+    root = args.cache_dir.expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    if args.render_only:
+        data = json.loads((root / f"results-{args.shape}.json").read_text())
+        profiles = {tuple(k.split(":")): v for k, v in data["profiles"].items()}
+        text = render(data["results"], profiles, data["info"], data.get("can_drop", True), data.get("elapsed", 0))
+        args.out.write_text(text)
+        print(text)
+        return 0
+
+    plan = []
+    for shape in shapes:
+        base = generate_base(shape, root)
+        for adapter in (args.adapters or DEFAULT_ADAPTERS[shape]).split(","):
+            plan.append((shape, adapter, base, generate_adapter(shape, adapter, root)))
+    if args.generate_only:
+        return 0
+
+    can_drop = drop_caches()
+    info = machine_info()
+    results, profiles = [], {}
+    with tempfile.TemporaryDirectory(prefix="ddiscan-bench-") as tmp:
+        for shape, adapter, base, adapter_dir in plan:
+            results.append(bench_one(shape, adapter, base, adapter_dir, args, Path(tmp), can_drop))
+            if f"{shape}:{adapter}" in args.profile:
+                from ddiscan.scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+                profiles[(shape, adapter)] = profile_scan(base, adapter_dir, DEFAULT_POWER_ITERS, DEFAULT_OVERSAMPLE)
+            (root / f"results-{args.shape}.json").write_text(json.dumps(
+                {"info": info, "results": results, "can_drop": can_drop,
+                 "elapsed": time.perf_counter() - started,
+                 "profiles": {f"{s}:{a}": v for (s, a), v in profiles.items()}}, indent=1, default=str))
+    text = render(results, profiles, info, can_drop, time.perf_counter() - started)
+    print(text)
+    if args.append and args.out.exists():
+        text = args.out.read_text() + "\n---\n\n" + text
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
