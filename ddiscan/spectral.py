@@ -182,7 +182,7 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
     -----
     Reads W0 2 + 2 · ``power_iters`` times; each pass costs O(d k (t + q)) and is all
     the work that scales with W0. The rest is kept off that scale: orthonormalisation
-    is Cholesky QR [2]_ with its Gram matrix in float64 (O(d (t+q)²), where Householder
+    is Cholesky QR [2]_ (O(d (t+q)²), where Householder
     QR costs several times more on tall-skinny blocks), and Ũ comes from the
     (t+q) × (t+q) eigenproblem of Bₛ Bₛᵀ, whose eigenvectors are Bₛ's left singular
     vectors, instead of an SVD of the (t+q) × k matrix Bₛ.
@@ -221,15 +221,15 @@ def exact_basis(w0, *, t: int, xp, right: bool = False):
 def orthonormalize(block, *, xp, passes: int = 2):
     """An orthonormal basis of the columns of a tall ``block`` (n × l), same dtype.
 
-    Cholesky QR: R from the Cholesky factor of the Gram matrix BᵀB (formed in float64),
-    Q = B R⁻¹ in the block's dtype. One pass normalises a block between power iterations,
+    Cholesky QR: R from the Cholesky factor (in float64) of the Gram matrix BᵀB (formed in
+    the block's dtype, one small GEMM), Q = B R⁻¹ in the block's dtype. One pass normalises a block between power iterations,
     where only its span matters; two (CholeskyQR2) make Q orthonormal to working
     precision [2]_. A block whose Gram matrix is singular falls back to Householder QR.
     """
     q = block
     for _ in range(passes):
-        wide = xp.astype(q, xp.float64)
-        upper = _cholesky_upper(xp.linalg.matrix_transpose(wide) @ wide, xp=xp)
+        gram = xp.astype(xp.linalg.matrix_transpose(q) @ q, xp.float64)
+        upper = _cholesky_upper(gram, xp=xp)
         if upper is None:
             return xp.linalg.qr(block)[0]
         q = q @ xp.astype(xp.linalg.inv(upper), q.dtype)
