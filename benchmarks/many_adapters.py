@@ -74,8 +74,8 @@ def main():
             together.append(seconds)
             assert stream == "".join(out for _, out in runs), "reports differ"
         s, t = min(separate), min(together)
-        print(f"| adapters | base | separate runs (s) | one run (s) | saving |")
-        print(f"|---|---|---|---|---|")
+        print("| adapters | base | separate runs (s) | one run (s) | saving |")
+        print("|---|---|---|---|---|")
         print(f"| {opts.adapters} × rank 8 on q/k/v/o | {opts.blocks} blocks, hidden {opts.hidden}, bf16 "
               f"| {s:.2f} | {t:.2f} | {s / t:.2f}× |")
 

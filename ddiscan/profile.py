@@ -19,7 +19,6 @@ matrix: equal within the range finder's accuracy, not to rounding.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from ._version import __version__
 from .errors import InputError, UsageError
 from .io.convert import widen
 from .io.index import TensorIndex
-from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo
+from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, write_safetensors
 
 __all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
@@ -94,12 +93,6 @@ class Profile:
         }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _selected(index: TensorIndex, include, exclude) -> list[str]:
@@ -181,7 +174,7 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
     meta = {
         "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t, "oversample": oversample,
         "power_iters": power_iters, "seed": seed, "exact": exact, "weights": weights,
-        "base_files": [{"name": p.name, "size": p.stat().st_size, "sha256": _sha256(p)} for p in index.files],
+        "base_files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in index.files],
     }
     with bar:
         write_safetensors(output, entries, {META_KEY: json.dumps(meta, sort_keys=True), "format": "ddiscan-profile"},

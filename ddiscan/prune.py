@@ -15,7 +15,8 @@ from .io.convert import frobenius
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import Report
 from .rewrite import rewrite_adapter
-from .scan import _alignment_update, _sha256, scan
+from .io.reader import sha256
+from .scan import _alignment_update, scan
 from .select import Selection, select
 
 __all__ = ["PruneResult", "prune", "load_report"]
@@ -57,7 +58,7 @@ def load_report(path, adapter: Adapter) -> Report:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
     file = adapter.file.path
-    if recorded.get("size") != file.stat().st_size or recorded.get("sha256") != _sha256(file):
+    if recorded.get("size") != file.stat().st_size or recorded.get("sha256") != sha256(file):
         raise InputError(f"{path}: was made from a different adapter than {file} (size or sha256 differ); scan again")
     return report
 

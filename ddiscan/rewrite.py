@@ -12,7 +12,6 @@ one chunk at a time; untouched tensors are copied byte for byte.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import InputError, OutputError, UsageError
-from .io.reader import NUMPY_DTYPES, SafetensorsFile
+from .io.reader import NUMPY_DTYPES, SafetensorsFile, sha256
 from .io.writer import (
     OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, remove_stale_temps, temp_prefix, write_atomic,
     write_safetensors,
@@ -86,12 +85,6 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
     return entries
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _exclude(config: dict, names: list[str]) -> dict:
@@ -168,7 +161,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "ddiscan.version": __version__,
         "ddiscan.mode": mode,
         "ddiscan.pruned": json.dumps(sorted(pruned)),
-        "ddiscan.source_sha256": _sha256(file.path),
+        "ddiscan.source_sha256": sha256(file.path),
         **(metadata or {}),
     })
     entries = _entries(file, zeroed, dropped, replaced)

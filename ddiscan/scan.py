@@ -9,12 +9,10 @@ and base tensors without a LoRA pair are never read.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -23,6 +21,7 @@ from . import methods, spectral
 from ._version import __version__
 from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
+from .io.reader import sha256
 from .io.convert import frobenius, widen
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
 from .profile import Profile, is_profile
@@ -178,12 +177,6 @@ def _blas_threads(threads: int | None):
         yield
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_base(base):
@@ -433,7 +426,7 @@ def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Repor
             "base": source.describe(),
             "adapter": {
                 "path": str(adapter.path), "file": str(path), "size": path.stat().st_size,
-                "sha256": _sha256(path), "config": adapter.config_source,
+                "sha256": sha256(path), "config": adapter.config_source,
             },
         },
         parameters=dict(parameters),

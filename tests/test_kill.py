@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import random
 import signal
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.numpy
 from click.testing import CliRunner
 
 from ddiscan.cli import cli

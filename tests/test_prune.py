@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import ddiscan

@@ -13,6 +13,7 @@ that mapping it directly is both faster and smaller.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..errors import HeaderError, InputError, NotSafetensors, PickleRefused, UnsupportedDtype
 
-__all__ = ["TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle"]
+__all__ = ["sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle"]
 
 MAX_HEADER_SIZE = 100_000_000
 
@@ -66,6 +67,15 @@ class TensorInfo:
     @property
     def numel(self) -> int:
         return prod(self.shape)
+
+
+def sha256(path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_not_pickle(path: Path) -> None:
