@@ -19,6 +19,7 @@ matrix: equal within the range finder's accuracy, not to rounding.
 from __future__ import annotations
 
 import fnmatch
+import math
 import json
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
             w0, norm = widen(index.array(key), dtype)
             w0 = w0.reshape(w0.shape[0], -1)
             t = min(max_t, *w0.shape)
-            if exact:
+            if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
+                left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
+            elif exact:
                 left, right = spectral.exact_basis(w0, t=t, xp=np, right=True)
             else:
                 width = min(t + oversample, *w0.shape)

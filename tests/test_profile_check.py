@@ -151,3 +151,24 @@ def test_report_cli_with_several_adapters(tmp_path):
     assert _run("report", BASE, ADAPTER, second, "-o", out).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["lora-3.0.json", "tiny-lora.json"]
     assert _run("report", BASE, ADAPTER, second, "-o", tmp_path / "x.csv", "--format", "csv").exit_code == 2
+
+
+def test_a_profile_of_a_non_finite_weight_marks_the_module_non_finite(tmp_path):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    w[3, 4] = np.inf
+    save_file({"model.layers.0.self_attn.q_proj.weight": w,
+               "model.layers.0.self_attn.k_proj.weight": rng.standard_normal((16, 16)).astype(np.float32)},
+              tmp_path / "base.safetensors")
+    adapter = {}
+    for name in ("q_proj", "k_proj"):
+        stem = f"base_model.model.model.layers.0.self_attn.{name}"
+        adapter[stem + ".lora_A.weight"] = rng.standard_normal((2, 16)).astype(np.float32)
+        adapter[stem + ".lora_B.weight"] = rng.standard_normal((16, 2)).astype(np.float32)
+    save_file(adapter, tmp_path / "a.safetensors")
+    build_profile(tmp_path / "base.safetensors", tmp_path / "p.ddiprofile", max_t=2)
+    via_profile = ddiscan.scan(tmp_path / "p.ddiprofile", tmp_path / "a.safetensors", scaling=1.0)
+    via_base = ddiscan.scan(tmp_path / "base.safetensors", tmp_path / "a.safetensors", scaling=1.0)
+    for report in (via_profile, via_base):
+        finite = {m.name: m.finite for m in report.modules}
+        assert finite == {"model.layers.0.self_attn.q_proj": False, "model.layers.0.self_attn.k_proj": True}
