@@ -16,13 +16,13 @@ import click
 from ._version import __version__
 from .errors import DdiscanError, InputError
 from .io.writer import refuse_input_as_output, write_atomic
-from .render import FORMATS, heatmap, render
-from .plot import plot_report
-from .prune import prune as prune_adapter
-from .rewrite import MODES
 from .locate import find_base
 from .methods import parse_components
+from .plot import plot_report
 from .profile import DEFAULT_EXCLUDE, build_profile
+from .prune import prune as prune_adapter
+from .render import FORMATS, heatmap, render
+from .rewrite import MODES
 from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 
 __all__ = ["cli", "main"]
