@@ -156,7 +156,9 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
     """Q_t from a randomized range finder with power iterations (SPEC.md §2 steps 1–3).
 
     1. Y = W0 Ω;
-    2. ``power_iters`` times: Y ← W0 (W0ᵀ Y), re-orthonormalising after each product;
+    2. ``power_iters`` times: Y ← W0 (W0ᵀ Y), re-orthonormalising Y before each
+       iteration (once per iteration: W0ᵀ Y needs no normalising of its own when Y is
+       orthonormal, and a block that has lost rank falls back to Householder QR);
     3. Q₀ = qr(Y); Bₛ = Q₀ᵀ W0 = Ũ Σ Wᵀ; Q_t = Q₀ Ũ[:, :t] (erratum E3).
 
     Parameters
@@ -195,8 +197,7 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
     w0_t = xp.linalg.matrix_transpose(w0)
     sample = w0 @ omega
     for _ in range(power_iters):
-        back = orthonormalize(w0_t @ orthonormalize(sample, xp=xp, passes=1), xp=xp, passes=1)
-        sample = w0 @ back
+        sample = w0 @ (w0_t @ orthonormalize(sample, xp=xp, passes=1))
     sample = orthonormalize(sample, xp=xp)
     small = xp.astype(xp.linalg.matrix_transpose(sample) @ w0, xp.float64)
     values, vectors = xp.linalg.eigh(small @ xp.linalg.matrix_transpose(small))
