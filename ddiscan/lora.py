@@ -32,7 +32,8 @@ from .io.index import TensorIndex
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
 
 __all__ = [
-    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient", "dense_delta", "module_keys",
+    "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
+    "dense_delta", "module_keys",
 ]
 
 PEFT_PREFIX = "base_model.model."

@@ -94,8 +94,6 @@ class Profile:
         }
 
 
-
-
 def _selected(index: TensorIndex, include, exclude) -> list[str]:
     keys = []
     for key in sorted(index.keys()):

@@ -85,8 +85,6 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
     return entries
 
 
-
-
 def _exclude(config: dict, names: list[str]) -> dict:
     """Add ``names`` (full module paths) to PEFT's ``exclude_modules``."""
     config = dict(config)

@@ -177,8 +177,6 @@ def _blas_threads(threads: int | None):
         yield
 
 
-
-
 def _open_base(base):
     if isinstance(base, (TensorIndex, Profile)):
         return base

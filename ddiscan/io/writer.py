@@ -13,17 +13,18 @@ from pathlib import Path
 
 from ..errors import OutputError, UsageError
 
+__all__ = [
+    "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
+    "write_safetensors", "temp_prefix", "remove_stale_temps",
+]
+
+
 def default_mode(directory: bool = False) -> int:
     """The permissions a new file (or directory) gets under the current umask."""
     umask = os.umask(0)
     os.umask(umask)
     return (0o777 if directory else 0o666) & ~umask
 
-
-__all__ = [
-    "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
-    "write_safetensors", "temp_prefix", "remove_stale_temps",
-]
 
 TEMP_SUFFIX = ".ddiscan-tmp"
 OLD_SUFFIX = ".ddiscan-old"
