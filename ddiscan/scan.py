@@ -345,14 +345,16 @@ def scan_many(
     dtype = np.float64 if exact else np.float32
 
     def fetch(key):
-        """Map the tensors a key needs and bring their bytes into the page cache."""
-        if pair is not None:
-            return _alignment_pair(pair, key, source.info(key).shape)
-        return None if isinstance(source, Profile) else source.fetch(key)
-
-    def load(key, mapped):
-        """Widen one base weight (or form the alignment update A); read its LoRA factors."""
+        """Read a key's LoRA factors; map the base tensors it needs and bring their bytes
+        into the page cache."""
         factors = [lora_factors(module, opened[i].file) for i, module in plan[key]]
+        if pair is not None:
+            return factors, _alignment_pair(pair, key, source.info(key).shape)
+        return factors, None if isinstance(source, Profile) else source.fetch(key)
+
+    def load(key, fetched):
+        """Widen one base weight (or form the alignment update A)."""
+        factors, mapped = fetched
         if pair is not None:
             diff, _ = widen(mapped[0])
             diff -= widen(mapped[1])[0]
