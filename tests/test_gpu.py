@@ -41,3 +41,30 @@ def test_gpu_scores_equal_cpu_scores():
     for a, b in zip(cpu.modules, gpu.modules):
         for field in ("sharpness", "deviation", "magnitude_norm", "ddi"):
             assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-4, abs=1e-6), (a.name, field)
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"exact": True},
+    {"method": "safelora", "aligned": BASE, "unaligned": ROOT / "fixtures" / "tiny-llama-unaligned.safetensors"},
+    {"method": "splora", "aligned": BASE, "unaligned": ROOT / "fixtures" / "tiny-llama-unaligned.safetensors"},
+])
+def test_the_whole_scan_runs_through_a_strict_array_namespace(monkeypatch, options):
+    """What --device cuda does, with array_api_strict standing in for CuPy: every array the
+    scan computes with goes through the namespace, and the numbers equal numpy's."""
+    import importlib
+
+    import array_api_strict
+
+    scan_module = importlib.import_module("ddiscan.scan")  # the module, not ddiscan.scan the function
+
+    expected = ddiscan.scan(BASE, ADAPTER, **options)
+    monkeypatch.setattr(scan_module, "_array_namespace", lambda device: array_api_strict)
+    strict = ddiscan.scan(BASE, ADAPTER, **options)
+    assert [m.name for m in strict.modules] == [m.name for m in expected.modules]
+    for a, b in zip(expected.modules, strict.modules):
+        for field in ("sharpness", "deviation", "magnitude", "ddi", "cosine", "ediem"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), (a.name, field)
+            if x is not None:
+                assert y == pytest.approx(x, rel=1e-6, abs=1e-9), (a.name, field)
