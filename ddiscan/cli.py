@@ -319,8 +319,10 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 @cli.command()
 @click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str, readable=False))
 @scan_options
-@click.option("--top", type=click.IntRange(min=0), default=None, help="Prune the TOP modules with the largest DDI.")
-@click.option("--theta", type=float, default=None, help="Prune every module with DDI >= THETA.")
+@click.option("--top", type=click.IntRange(min=0), default=None,
+              help="Prune the TOP most suspect modules: largest DDI (lowest cosine, largest E-DIEM).")
+@click.option("--theta", type=float, default=None,
+              help="Prune every module with DDI >= THETA (cosine <= THETA, E-DIEM >= THETA).")
 @click.option("--theta-norm", type=float, default=None, help="Prune every module with DDI_norm >= THETA_NORM.")
 @click.option("--mode", "--rewrite", "mode", type=click.Choice(MODES), default="zero", show_default=True,
               help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors; "
@@ -337,9 +339,10 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
               help="Draw the heatmap and the sorted DDI curve with the cut marked (.png or .svg).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
 def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, plot, quiet, **kwargs):
-    """Write ADAPTER with the updates of the highest-DDI modules removed.
+    """Write ADAPTER with the updates of the most suspect modules removed.
 
-    Select by exactly one of --top, --theta, --theta-norm (ties broken by module name).
+    Select by exactly one of --top, --theta, --theta-norm (ties broken by module name);
+    modules are ranked by DDI, or by the --method's own score.
     With --from-report, BASE is not read; ADAPTER defaults to the report's adapter.
     """
     if from_report is not None and len(paths) <= 1:
