@@ -123,7 +123,8 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     if mode == "project":
         aligned = scan_options.get("aligned") or report.parameters.get("aligned")
         unaligned = scan_options.get("unaligned") or report.parameters.get("unaligned")
-        replacements = _projections(adapter_obj, base, names, aligned, unaligned)
+        keys_from = base if base is not None else report.inputs["base"]["path"]  # only its key listing
+        replacements = _projections(adapter_obj, keys_from, names, aligned, unaligned)
     else:
         replacements = _dora_magnitudes(adapter_obj, base, names) if mode == "zero" else {}
     written = rewrite_adapter(

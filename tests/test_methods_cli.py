@@ -99,3 +99,14 @@ def test_check_with_safelora_and_usage_errors(tmp_path):
     no_norm = _run("prune", BASE, ADAPTER, "--method", "safelora", *PAIR, "--theta-norm", "0.1", "--dry-run")
     assert no_norm.exit_code == 2
     assert _run("prune", BASE, ADAPTER, "--rewrite", "project", "--top", "1", "-o", tmp_path / "x").exit_code == 2
+
+
+def test_project_from_a_report_takes_the_pair_from_the_report(tmp_path):
+    report = tmp_path / "r.json"
+    assert _run("report", BASE, ADAPTER, "--method", "safelora", *PAIR, "-o", report).exit_code == 0
+    again = tmp_path / "again"
+    direct = tmp_path / "direct"
+    assert _run("prune", "--from-report", report, "--top", "2", "--rewrite", "project", "-o", again).exit_code == 0
+    assert _run("prune", BASE, ADAPTER, "--method", "safelora", *PAIR, "--top", "2", "--rewrite", "project",
+                "-o", direct).exit_code == 0
+    assert (again / "adapter_model.safetensors").read_bytes() == (direct / "adapter_model.safetensors").read_bytes()
