@@ -70,3 +70,12 @@ def test_the_outputs_readme_shows_are_what_ddiscan_prints(monkeypatch):
     for command, output in shown:
         result = CliRunner().invoke(cli, shlex.split(command)[1:])
         assert result.exit_code == 0 and result.stdout == output, command
+
+
+def test_the_python_examples_run(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    blocks = re.findall(r"^```python\n(.*?)```", README, flags=re.M | re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out
