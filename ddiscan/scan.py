@@ -368,7 +368,10 @@ def scan_many(
     omega_cache: dict = {}
     sketch = dict(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact, xp=xp,
                   omega_cache=omega_cache)
-    with _blas_threads(threads):
+    with _blas_threads(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddiscan-hash") as hasher:
+        # the adapters' sha256 for the reports, read once in the background: it also brings
+        # their bytes into the page cache before their factors are needed
+        digests = [hasher.submit(sha256, adapter.file.path) for adapter in opened]
         keys = _reading_order(source, plan)
         loaded = _read_ahead(keys, fetch, load, enabled=read_ahead)
         for key, (factors, w0, norm) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
@@ -388,8 +391,8 @@ def scan_many(
                         samples=samples, seed=seed, xp=xp,
                     ))
             del factors, w0, subspaces
-    return [_report(source, adapter, found, scores[i], parameters, notes)
-            for i, (adapter, found) in enumerate(zip(opened, matched))]
+        return [_report(source, adapter, found, scores[i], parameters, notes, digests[i].result())
+                for i, (adapter, found) in enumerate(zip(opened, matched))]
 
 
 def _alignment_pair(pair, key: str, shape) -> tuple[np.ndarray, np.ndarray]:
@@ -411,7 +414,7 @@ def _alignment_update(pair, key: str, shape) -> np.ndarray:
     return diff
 
 
-def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Report:
+def _report(source, adapter: Adapter, found, scores, parameters, notes, digest: str) -> Report:
     _, skipped, warnings = found
     warnings = [*notes, *warnings]
     if any(not s.finite for s in scores):
@@ -426,7 +429,7 @@ def _report(source, adapter: Adapter, found, scores, parameters, notes) -> Repor
             "base": source.describe(),
             "adapter": {
                 "path": str(adapter.path), "file": str(path), "size": path.stat().st_size,
-                "sha256": sha256(path), "config": adapter.config_source,
+                "sha256": digest, "config": adapter.config_source,
             },
         },
         parameters=dict(parameters),
