@@ -64,3 +64,17 @@ def test_man_page_renders_without_warnings():
     result = subprocess.run([groff, "-man", "-ww", "-z", str(ROOT / "man" / "ddiscan.1")],
                             capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_the_documented_shell_completion_works():
+    import os
+    import shutil
+    import subprocess
+
+    exe = shutil.which("ddiscan")
+    assert exe, "the ddiscan console script is installed by pip install -e"
+    for shell in ("bash", "zsh", "fish"):
+        assert f"_DDISCAN_COMPLETE={shell}_source ddiscan" in README
+        out = subprocess.run([exe], env={**os.environ, "_DDISCAN_COMPLETE": f"{shell}_source"},
+                             capture_output=True, text=True)
+        assert out.returncode == 0 and "_DDISCAN_COMPLETE" in out.stdout, shell
