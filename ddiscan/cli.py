@@ -22,6 +22,7 @@ from .plot import plot_report
 from .profile import DEFAULT_EXCLUDE, build_profile
 from .prune import prune as prune_adapter
 from .render import FORMATS, heatmap, render
+from .report import SCORES
 from .rewrite import MODES
 from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 
@@ -367,7 +368,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
         for warning in result.report.warnings:
             click.echo(f"warning: {warning}", err=True)
     method = result.report.method
-    label, field = {"ddi": ("DDI", "ddi"), "safelora": ("cosine", "cosine"), "splora": ("E-DIEM", "ediem")}[method]
+    field, label, _ = SCORES[method]
     finite = [getattr(m, field) for m in result.report.modules if m.finite]
     chosen = result.selection.modules
     if result.selection.rule != "top" and finite and len(chosen) in (0, len(finite)):

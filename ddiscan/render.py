@@ -13,15 +13,15 @@ from dataclasses import asdict, fields
 
 import numpy as np
 
-from .report import ModuleScore, Report
+from .report import SCORES, ModuleScore, Report
 
 __all__ = ["FORMATS", "COLUMNS", "render", "heatmap"]
 
 FORMATS = ("table", "json", "jsonl", "csv", "markdown")
 COLUMNS = ("rank", "module", "kind", "block", "d", "k", "r", "t", "S", "O", "M_norm", "DDI", "DDI_norm")
-# The score columns of the other methods (ddiscan.methods): SafeLoRA's cosine, SPLoRA's E-DIEM.
-METHOD_COLUMNS = {"safelora": (("S", "sharpness"), ("cosine", "cosine")),
-                  "splora": (("S", "sharpness"), ("E-DIEM", "ediem"))}
+# The other methods (ddiscan.methods) show S and their own score instead of O, M_norm, DDI.
+METHOD_COLUMNS = {method: (("S", "sharpness"), (label, field))
+                  for method, (field, label, _) in SCORES.items() if method != "ddi"}
 SHADES = " ░▒▓█"
 
 

@@ -13,7 +13,7 @@ from importlib import resources
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "suspicion", "load_schema"]
+__all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "SCORES", "score", "suspicion", "load_schema"]
 
 SCHEMA_VERSION = 1
 FORMATS = ("table", "json", "csv", "markdown")
@@ -51,11 +51,21 @@ class ModuleScore:
     ediem: float | None = None
 
 
+# Each method's score: the ModuleScore field, its label, and whether low values (rather
+# than high) are the suspect ones.
+SCORES = {"ddi": ("ddi", "DDI", False), "safelora": ("cosine", "cosine", True), "splora": ("ediem", "E-DIEM", False)}
+
+
+def score(m: ModuleScore, method: str = "ddi") -> float | None:
+    """The method's own score of a module (DDI, SafeLoRA's cosine, E-DIEM)."""
+    return getattr(m, SCORES[method][0])
+
+
 def suspicion(m: ModuleScore, method: str = "ddi") -> float:
     """The number a method ranks by, larger = more suspect (0 when not finite)."""
     if not m.finite:
         return 0.0
-    return {"ddi": lambda: m.ddi, "safelora": lambda: -m.cosine, "splora": lambda: m.ediem}[method]()
+    return -score(m, method) if SCORES[method][2] else score(m, method)
 
 
 def summarize(scores) -> dict:

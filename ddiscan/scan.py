@@ -128,7 +128,7 @@ class _Subspaces:
         return lambda: self._basis(module, t)
 
     def _basis(self, module: LoraModule, t: int):
-        key = (module.transpose_base, module.layout == "conv", t)
+        key = (module.transpose_base, t)
         if key not in self.cache:
             xp = self.xp
             if isinstance(self.source, Profile):

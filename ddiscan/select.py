@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UsageError
-from .report import ModuleScore, Report, suspicion
+from .report import SCORES, ModuleScore, Report, score
 
 __all__ = ["Selection", "select"]
 
@@ -26,14 +26,12 @@ class Selection:
     method: str = "ddi"
 
     def describe(self) -> str:
+        _, label, low = SCORES[self.method]
         if self.rule == "top":
-            return f"top {self.value:g} by {LABELS[self.method]}"
+            return f"top {self.value:g} by {label}"
         if self.rule == "theta_norm":
             return f"DDI_norm >= {self.value:g}"
-        return f"{LABELS[self.method]} {'<=' if self.method == 'safelora' else '>='} {self.value:g}"
-
-
-LABELS = {"ddi": "DDI", "safelora": "SafeLoRA cosine", "splora": "E-DIEM"}
+        return f"{label} {'<=' if low else '>='} {self.value:g}"
 
 
 def select(modules, *, top: int | None = None, theta: float | None = None,
@@ -70,8 +68,8 @@ def select(modules, *, top: int | None = None, theta: float | None = None,
         chosen = ranked[: int(value)]
     elif rule == "theta_norm":
         chosen = [m for m in ranked if m.ddi_norm >= value]
-    elif method == "safelora":
-        chosen = [m for m in ranked if m.cosine <= value]
+    elif SCORES[method][2]:
+        chosen = [m for m in ranked if score(m, method) <= value]
     else:
-        chosen = [m for m in ranked if suspicion(m, method) >= value]
+        chosen = [m for m in ranked if score(m, method) >= value]
     return Selection(rule, value, tuple(chosen), method)

@@ -35,6 +35,7 @@ from safetensors_builders import (  # noqa: E402
     entry,
     llama_base_tensors,
     llama_peft_tensors,
+    peft_tensors_without,
     lora_pair,
     peft_config,
     raw_safetensors,
@@ -187,14 +188,6 @@ def _poisoned(key, value, at=(0, 0), base=False):
         t = llama_base_tensors(1) if base else llama_peft_tensors(1, 4)
         t[key] = t[key].copy()
         t[key][at] = value
-        return t
-    return tensors
-
-
-def _without(key):
-    def tensors():
-        t = llama_peft_tensors(1, 4)
-        del t[key]
         return t
     return tensors
 
@@ -474,8 +467,8 @@ CASES = {
     "base/adapter shape mismatch": _adapter_tensors(lambda: {
         f"{STEM}.v_proj.lora_A.weight": lora_pair(HIDDEN, HIDDEN, 4)[0],
         f"{STEM}.v_proj.lora_B.weight": lora_pair(HIDDEN, HIDDEN, 4)[1]}),
-    "lora_A without lora_B": _adapter_tensors(_without(f"{STEM}.k_proj.lora_B.weight")),
-    "lora_B without lora_A": _adapter_tensors(_without(f"{STEM}.o_proj.lora_A.weight")),
+    "lora_A without lora_B": _adapter_tensors(peft_tensors_without(f"{STEM}.k_proj.lora_B.weight")),
+    "lora_B without lora_A": _adapter_tensors(peft_tensors_without(f"{STEM}.o_proj.lora_A.weight")),
     "ranks differ between A and B": _adapter_tensors(lambda: {
         f"{STEM}.q_proj.lora_A.weight": lora_pair(HIDDEN, HIDDEN, 4)[0],
         f"{STEM}.q_proj.lora_B.weight": lora_pair(HIDDEN, HIDDEN, 3)[1]}),

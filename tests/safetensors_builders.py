@@ -168,6 +168,15 @@ def llama_peft_tensors(layers: int = 2, r: int = 4, *, projs=tuple(LLAMA_PROJ), 
     return tensors
 
 
+
+def peft_tensors_without(key: str, layers: int = 1, r: int = 4):
+    """A function giving llama_peft_tensors(layers, r) with ``key`` removed (an unpaired factor)."""
+    def tensors():
+        t = llama_peft_tensors(layers, r)
+        del t[key]
+        return t
+    return tensors
+
 def peft_config(r: int = 4, lora_alpha: float = 8, **extra) -> dict:
     return {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
             "fan_in_fan_out": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, **extra}

@@ -24,6 +24,7 @@ from safetensors_builders import (
     entry,
     llama_base_tensors,
     llama_peft_tensors,
+    peft_tensors_without,
     lora_pair,
     peft_config,
     raw_safetensors,
@@ -112,14 +113,6 @@ def _adapter_case(tensors_fn, config=None, base_fn=None, needles=()):
                                          config=config or peft_config(4, 8))
         return base, adapter, list(needles)
     return case
-
-
-def _without(key):
-    def tensors():
-        t = llama_peft_tensors(1, 4)
-        del t[key]
-        return t
-    return tensors
 
 
 def _with_base(key, value):
@@ -278,7 +271,7 @@ CASES = {
                  "base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight": lora_pair(32, HIDDEN, 4)[1]},
         needles=["model.layers.0.mlp.gate_proj"]),
     "ambiguous": _ambiguous,
-    "lora_A without lora_B": _adapter_case(_without("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"),
+    "lora_A without lora_B": _adapter_case(peft_tensors_without("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"),
                                            needles=["model.layers.0.self_attn.k_proj.lora_A.weight"]),
     "shape mismatch": _adapter_case(
         lambda: {"base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight": lora_pair(HIDDEN, HIDDEN, 4)[0],
