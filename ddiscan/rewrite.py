@@ -25,8 +25,8 @@ from ._version import __version__
 from .errors import InputError, OutputError, UsageError
 from .io.reader import NUMPY_DTYPES, SafetensorsFile, sha256
 from .io.writer import (
-    OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, remove_stale_temps, temp_prefix, write_atomic,
-    write_safetensors,
+    OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, fsync_directory, remove_stale_temps, temp_prefix,
+    write_atomic, write_safetensors,
 )
 from .lora import Adapter, module_keys
 
@@ -209,6 +209,7 @@ def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned
             shutil.rmtree(old)
         else:
             os.replace(staging, output)
+        fsync_directory(parent)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, OSError):

@@ -1,12 +1,15 @@
-"""Nothing lost: ``ddiscan prune`` killed at random points, and writes onto a full disk.
+"""Nothing lost: ``ddiscan prune`` killed at every step of its write, and writes onto a full disk.
 
 ``prune`` is run in real processes on an adapter holding 24 MB of tensors (one scored LoRA
-pair and a ``modules_to_save`` weight that is copied byte for byte, so the write takes tens
-of milliseconds), and SIGKILLed at random moments: most while its temporary output exists
-(the write itself), the rest anywhere in its life. After each kill the output path holds
-nothing or the complete output, byte for byte the reference prune's; the inputs are
-unchanged; and the temporaries a killed writer leaves (``.NAME.PID.*.ddiscan-tmp``) are
-removed by the next run, which then writes the reference output.
+pair and a ``modules_to_save`` weight that is copied byte for byte). Each run is SIGKILLed
+at a chosen point of its write, deterministically, whatever the machine's load: the
+process kills itself at the n-th call of ``os.fsync`` or ``os.replace`` (for every n the
+write makes), or once n bytes of output have been written (a small driver patches those
+functions before it runs the CLI). A few more runs are killed at random moments. After
+each kill the output path holds nothing or the complete output, byte for byte the
+reference prune's; the inputs are unchanged; and the temporaries a killed writer leaves
+(``.NAME.PID.*.ddiscan-tmp``) are removed by the next run, which then writes the
+reference output.
 
 A full disk (a 64 KiB tmpfs when this process may mount one, otherwise a file write
 patched to raise ENOSPC) gives exit 4, one ``Error:`` line, and no output or temporary.
@@ -34,9 +37,9 @@ from ddiscan.io.writer import remove_stale_temps
 
 from safetensors_builders import llama_base_tensors, llama_peft_tensors, peft_config, save, write_peft_dir
 
-TRIALS_FILE = 30
-TRIALS_DIR = 10
+RANDOM_KILLS = 4
 BIG = (3072, 2048)  # float32: 24 MiB copied unchanged into the output
+WRITE_POINTS = (0, 1 << 20, 12 << 20, 24 << 20)  # bytes of output written before the kill
 
 try:
     RUNNER = CliRunner(mix_stderr=False)
@@ -44,6 +47,54 @@ except TypeError:
     RUNNER = CliRunner()
 
 ENV = {k: v for k, v in os.environ.items() if k != "DDISCAN_DEBUG"}
+
+# Runs the CLI with one of os.fsync / os.replace / the output's writes patched to SIGKILL
+# the process at the n-th call (n = 0: never; the counts are then printed to fd 3).
+DRIVER = r"""
+import os, signal, sys
+point, n = sys.argv[1], int(sys.argv[2])
+counts = {"fsync": 0, "replace": 0, "write": 0}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def counting(name, real):
+    def call(*args, **kwargs):
+        counts[name] += 1
+        if point == name and counts[name] == n:
+            die()
+        return real(*args, **kwargs)
+    return call
+
+os.fsync = counting("fsync", os.fsync)
+os.replace = counting("replace", os.replace)
+real_fdopen = os.fdopen
+
+class Dying:
+    def __init__(self, f):
+        self.f = f
+    def write(self, data):
+        if point == "write" and counts["write"] + len(data) > n:
+            self.f.write(data[: max(n - counts["write"], 0)])
+            self.f.flush()
+            die()
+        counts["write"] += len(data)
+        return self.f.write(data)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+os.fdopen = lambda fd, *a, **k: Dying(real_fdopen(fd, *a, **k))
+from ddiscan.cli import cli
+try:
+    cli.main(sys.argv[3:], prog_name="ddiscan")
+finally:
+    if n == 0:
+        print(counts["fsync"], counts["replace"], counts["write"], file=sys.stderr)
+"""
 
 
 def sha(path: Path) -> str:
@@ -78,61 +129,49 @@ def inputs(tmp_path_factory):
     return root, base, adapter_file, adapter_dir
 
 
-def prune_args(base, adapter, output, *extra):
-    return [sys.executable, "-m", "ddiscan.cli", "prune", str(base), str(adapter), "--top", "2", "-o", str(output),
-            "-q", *extra]
+def cli_args(base, adapter, output, *extra):
+    return ["prune", str(base), str(adapter), "--top", "2", "-o", str(output), "-q", *extra]
 
 
 def run_prune(base, adapter, output, *extra) -> subprocess.CompletedProcess:
-    proc = subprocess.run(prune_args(base, adapter, output, *extra), capture_output=True, text=True, env=ENV,
-                          timeout=120, stdin=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-m", "ddiscan.cli", *cli_args(base, adapter, output, *extra)],
+                          capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return proc
 
 
-def kill_trials(base, adapter, out_dir: Path, name: str, trials: int, reference: dict, rng: random.Random) -> dict:
-    """Run ``trials`` prunes into ``out_dir/name``, each SIGKILLed at a random moment."""
-    output = out_dir / name
-    # how long a run takes, and how long its temporary lives
-    start = time.monotonic()
-    proc = subprocess.Popen(prune_args(base, adapter, output), env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    seen = None
-    while proc.poll() is None:
-        if seen is None and temps(out_dir):
-            seen = time.monotonic()
-        time.sleep(0.0005)
-    total, write = time.monotonic() - start, time.monotonic() - (seen or start)
-    assert proc.returncode == 0 and tree(output) == reference
-    stats = {"trials": 0, "complete": 0, "nothing": 0, "left_temps": 0, "killed_while_writing": 0}
-    for trial in range(trials):
-        if output.is_dir():
-            for p in output.iterdir():
-                p.unlink()
-            output.rmdir()
-        elif output.exists():
-            output.unlink()
-        proc = subprocess.Popen(prune_args(base, adapter, output), env=ENV, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        if trial % 4 == 3:  # anywhere in the process's life
-            time.sleep(rng.uniform(0, total))
-        else:  # during the write: once the temporary exists
-            deadline = time.monotonic() + 30
-            while not temps(out_dir) and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            stats["killed_while_writing"] += proc.poll() is None
-            time.sleep(rng.uniform(0, write) if trial % 4 else rng.uniform(0.8 * write, 1.5 * write))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        stats["trials"] += 1
-        if os.path.lexists(output):
-            assert tree(output) == reference, f"trial {trial}: a partial output"
-            stats["complete"] += 1
-        else:
-            stats["nothing"] += 1
-        stats["left_temps"] += bool(temps(out_dir))
-    return stats
+def driven(point: str, n: int, base, adapter, output) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", DRIVER, point, str(n), *cli_args(base, adapter, output)],
+                          capture_output=True, text=True, env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def remove(output: Path) -> None:
+    if output.is_dir():
+        for p in output.iterdir():
+            p.unlink()
+        output.rmdir()
+    elif output.exists():
+        output.unlink()
+
+
+def check_after_kill(output: Path, reference: dict, what: str) -> bool:
+    """Nothing or the whole output at ``output``; whether it is there."""
+    if os.path.lexists(output):
+        assert tree(output) == reference, f"{what}: a partial output"
+        return True
+    return False
+
+
+def kill_points(base, adapter, out_dir: Path, name: str, reference: dict) -> list[tuple[str, int]]:
+    """Every fsync and rename of one prune, and four points inside its write."""
+    counted = driven("none", 0, base, adapter, out_dir / name)
+    assert counted.returncode == 0, counted.stderr
+    fsyncs, replaces, written = map(int, counted.stderr.split()[-3:])
+    assert tree(out_dir / name) == reference and fsyncs >= 2 and replaces >= 1 and written > WRITE_POINTS[-1]
+    remove(out_dir / name)
+    return ([("fsync", n) for n in range(1, fsyncs + 1)] + [("replace", n) for n in range(1, replaces + 1)]
+            + [("write", n) for n in WRITE_POINTS])
 
 
 def test_sigkill_never_leaves_a_partial_output(inputs, tmp_path):
@@ -140,24 +179,46 @@ def test_sigkill_never_leaves_a_partial_output(inputs, tmp_path):
     before = {p: sha(p) for p in (base, adapter_file, *adapter_dir.iterdir())}
     rng = random.Random(7)
     summary = {}
-    for adapter, name, trials in ((adapter_file, "pruned.safetensors", TRIALS_FILE), (adapter_dir, "pruned", TRIALS_DIR)):
+    for adapter, name in ((adapter_file, "pruned.safetensors"), (adapter_dir, "pruned")):
         out_dir = tmp_path / name.replace(".", "-")
         out_dir.mkdir()
         ref_dir = tmp_path / f"ref-{name}"
         ref_dir.mkdir()
         run_prune(base, adapter, ref_dir / name)
         reference = tree(ref_dir / name)
-        stats = kill_trials(base, adapter, out_dir, name, trials, reference, rng)
-        summary[name] = stats
-        # the kills did land inside writes (most do; a loaded machine may shift a few)
-        assert stats["killed_while_writing"] >= 1 and stats["left_temps"] >= 1, stats
-        # the next run removes the dead writers' temporaries and writes the reference
-        run_prune(base, adapter, out_dir / name, "--force")
-        assert temps(out_dir) == []
-        assert tree(out_dir / name) == reference
+        output = out_dir / name
+        points = kill_points(base, adapter, out_dir, name, reference)
+        stats = {"kills": 0, "complete": 0, "left_temps": 0}
+        for point, n in points:
+            remove(output)
+            proc = driven(point, n, base, adapter, output)
+            assert proc.returncode == -signal.SIGKILL, (point, n, proc.returncode, proc.stderr)
+            stats["kills"] += 1
+            stats["complete"] += check_after_kill(output, reference, f"killed at {point} #{n}")
+            if point == "write":  # inside the write: the temporary is there, the output is not
+                assert temps(out_dir) and not os.path.lexists(output), (point, n)
+            stats["left_temps"] += bool(temps(out_dir))
+            # the next run (here in-process) removes the dead writer's temporaries, writes the reference
+            result = RUNNER.invoke(cli, cli_args(base, adapter, output, "--force"))
+            assert result.exit_code == 0, result.output
+            assert temps(out_dir) == [] and tree(output) == reference, (point, n)
+        # the last fsync (the directory's, after the rename) leaves the complete output
+        assert stats["complete"] >= 1 and stats["left_temps"] >= len(WRITE_POINTS), stats
+        for _ in range(RANDOM_KILLS):  # and anywhere in a run's life
+            remove(output)
+            proc = subprocess.Popen([sys.executable, "-m", "ddiscan.cli", *cli_args(base, adapter, output)],
+                                    env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    stdin=subprocess.DEVNULL)
+            time.sleep(rng.uniform(0, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            stats["kills"] += 1
+            check_after_kill(output, reference, "killed at a random moment")
+        run_prune(base, adapter, output, "--force")
+        assert temps(out_dir) == [] and tree(output) == reference
         assert {p: sha(p) for p in before} == before
+        summary[name] = stats
     print(f"\nkills: {summary}")
-    assert sum(s["trials"] for s in summary.values()) == TRIALS_FILE + TRIALS_DIR
 
 
 def test_temporaries_of_a_live_writer_are_kept(tmp_path):

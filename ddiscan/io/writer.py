@@ -15,7 +15,7 @@ from ..errors import OutputError, UsageError
 
 __all__ = [
     "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
-    "write_safetensors", "temp_prefix", "remove_stale_temps",
+    "write_safetensors", "temp_prefix", "remove_stale_temps", "fsync_directory",
 ]
 
 
@@ -151,6 +151,11 @@ def write_atomic_stream(path, fill, *, force: bool = True) -> None:
         if isinstance(exc, OSError):
             raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
+    fsync_directory(directory)
+
+
+def fsync_directory(directory) -> None:
+    """Make a rename in ``directory`` durable (best effort: not every filesystem can)."""
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
