@@ -143,7 +143,7 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
         """Sketch one weight, once, when the writer reaches its first entry."""
         if key not in computed:
             computed.clear()  # the previous weight's arrays are written: drop them
-            w0, norm = widen(index.array(key), dtype)
+            w0, norm = widen(index.mapped(key), dtype, encoding=index.info(key).dtype)
             w0 = w0.reshape(w0.shape[0], -1)
             t = min(max_t, *w0.shape)
             if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite

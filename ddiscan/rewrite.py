@@ -23,7 +23,7 @@ import numpy as np
 
 from ._version import __version__
 from .errors import InputError, OutputError, UsageError
-from .io.reader import NUMPY_DTYPES, SafetensorsFile, sha256
+from .io.reader import SafetensorsFile, sha256, stored_as
 from .io.writer import (
     OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, fsync_directory, remove_stale_temps, temp_prefix,
     write_atomic, write_safetensors,
@@ -75,7 +75,7 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
             continue
         nbytes = info.end - info.start
         if info.name in replaced:
-            value = np.asarray(replaced[info.name]).astype(NUMPY_DTYPES[info.dtype]).reshape(info.shape)
+            value = stored_as(replaced[info.name], info.dtype).reshape(info.shape)
             source = _array_chunks(value)
         elif info.name in zeroed:
             source = _zero_chunks(nbytes)

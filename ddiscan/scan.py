@@ -356,12 +356,11 @@ def scan_many(
         """Widen one base weight (or form the alignment update A)."""
         factors, mapped = fetched
         if pair is not None:
-            diff, _ = widen(mapped[0])
-            diff -= widen(mapped[1])[0]
+            diff = _difference(pair, key, *mapped)
             return factors, diff, frobenius(diff)
         if isinstance(source, Profile):
             return factors, None, source.norm(key)
-        w0, norm = widen(mapped, dtype)
+        w0, norm = widen(mapped, dtype, encoding=source.info(key).dtype)
         return factors, w0, norm
 
     scores: list[list[ModuleScore]] = [[] for _ in opened]
@@ -408,9 +407,12 @@ def _alignment_pair(pair, key: str, shape) -> tuple[np.ndarray, np.ndarray]:
 
 def _alignment_update(pair, key: str, shape) -> np.ndarray:
     """A = W_aligned − W_unaligned for one base key, float32."""
-    aligned, unaligned = _alignment_pair(pair, key, shape)
-    diff, _ = widen(aligned)
-    diff -= widen(unaligned)[0]
+    return _difference(pair, key, *_alignment_pair(pair, key, shape))
+
+
+def _difference(pair, key: str, aligned, unaligned) -> np.ndarray:
+    diff, _ = widen(aligned, encoding=pair[0].info(key).dtype)
+    diff -= widen(unaligned, encoding=pair[1].info(key).dtype)[0]
     return diff
 
 

@@ -752,7 +752,7 @@ def test_dora_magnitude_vector_warns(tmp_path, suffix):
 def _record_reads(monkeypatch):
     mapped: list[tuple[str, str]] = []
     opened: list[str] = []
-    original_array = ddiscan.io.reader.SafetensorsFile.array
+    original_array = ddiscan.io.reader.SafetensorsFile.mapped
     original_init = ddiscan.io.reader.SafetensorsFile.__init__
 
     def array(self, name):
@@ -763,7 +763,7 @@ def _record_reads(monkeypatch):
         opened.append(Path(path).name)
         original_init(self, path)
 
-    monkeypatch.setattr(ddiscan.io.reader.SafetensorsFile, "array", array)
+    monkeypatch.setattr(ddiscan.io.reader.SafetensorsFile, "mapped", array)  # every read maps
     monkeypatch.setattr(ddiscan.io.reader.SafetensorsFile, "__init__", init)
     return mapped, opened
 

@@ -127,14 +127,14 @@ def test_many_adapters_read_each_base_tensor_once(tmp_path, monkeypatch):
     second = _second_adapter(tmp_path)
     singles = [ddiscan.scan(BASE, a) for a in (ADAPTER, second)]
     reads = []
-    original = SafetensorsFile.array
+    original = SafetensorsFile.mapped
 
     def counting(self, name):
         if "base_model" not in name:
             reads.append(name)
         return original(self, name)
 
-    monkeypatch.setattr(SafetensorsFile, "array", counting)
+    monkeypatch.setattr(SafetensorsFile, "mapped", counting)  # every read of a tensor maps it
     many = ddiscan.scan_many(BASE, [ADAPTER, second])
     assert sorted(reads) == sorted(set(reads)) and len(reads) == 8
     assert [r.to_json() for r in many] == [r.to_json() for r in singles]

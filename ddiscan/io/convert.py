@@ -3,8 +3,8 @@
 Reading a base tensor is the scan's floor; converting it must not add passes. The tensor
 is widened block by block into one preallocated array, and each block's sum of squares
 is taken while the block is still in cache, so the bytes are read once and ‖W0‖_F costs
-no extra pass. bfloat16 is widened exactly by a 16-bit shift into the high half of a
-float32 (the two formats share sign and exponent), in a single ufunc pass.
+no extra pass. bfloat16 and float8 arrive as their stored bits and are widened exactly
+(ddiscan/io/dtypes.py: a 16-bit shift, or a 256-entry table), in a single ufunc pass.
 """
 
 from __future__ import annotations
@@ -13,21 +13,27 @@ import math
 
 import numpy as np
 
+from . import dtypes
+
 __all__ = ["widen", "frobenius"]
 
 # Elements per block: 256 KiB of float32, small enough to stay in L2.
 BLOCK = 1 << 16
 
 
-def widen(array: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, float]:
-    """Copy ``array`` (any float dtype, e.g. a memory map) into ``dtype``; return it and ‖array‖_F.
+def widen(array: np.ndarray, dtype=np.float32, *, encoding: str | None = None) -> tuple[np.ndarray, float]:
+    """Copy ``array`` (e.g. a memory map) into ``dtype``; return it and ‖array‖_F.
 
     Parameters
     ----------
     array : ndarray
-        C-contiguous, any float dtype numpy or ml_dtypes provides (bfloat16, float8, …).
+        C-contiguous: a NumPy float array, an ml_dtypes bfloat16/float8 array, or the
+        stored bits of one (uint16/uint8) with ``encoding`` naming the format.
     dtype : numpy dtype, default float32
         float32 or float64.
+    encoding : str, optional
+        The safetensors dtype of the tensor ``array`` maps: for "BF16", "F8_E4M3" and
+        "F8_E5M2" it holds their stored bits; any other dtype is read as it is.
 
     Returns
     -------
@@ -39,14 +45,14 @@ def widen(array: np.ndarray, dtype=np.float32) -> tuple[np.ndarray, float]:
     """
     dtype = np.dtype(dtype)
     flat = np.ascontiguousarray(array).reshape(-1)
+    encoding = encoding if encoding in dtypes.ENCODED else dtypes.encoding_of(flat)
     out = np.empty(flat.shape, dtype)
-    bfloat16 = flat.dtype.name == "bfloat16" and dtype == np.float32
     total = 0.0
     for start in range(0, flat.size, BLOCK):
         stop = min(start + BLOCK, flat.size)
         block = out[start:stop]
-        if bfloat16:
-            np.left_shift(flat[start:stop].view(np.uint16), 16, out=block.view(np.uint32), dtype=np.uint32)
+        if encoding:
+            dtypes.decode(flat[start:stop], encoding, out=block)
         else:
             block[...] = flat[start:stop]
         total += float(np.dot(block, block))

@@ -127,7 +127,7 @@ class TensorIndex:
         """Tensor ``name`` mapped, with its bytes brought into the page cache: the kernel
         is advised to read them (``posix_fadvise``) and one byte of each page is touched,
         which waits on I/O rather than the CPU; meant for a background thread."""
-        array = self.array(name)
+        array = self.mapped(name)
         info = self.info(name)
         if info.end > info.start:
             if hasattr(os, "posix_fadvise"):
@@ -140,9 +140,14 @@ class TensorIndex:
         return array
 
     def array(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a read-only memory map in its file dtype."""
+        """Tensor ``name``'s values (see :meth:`SafetensorsFile.array`)."""
         self.info(name)
         return self.file_of(name).array(name)
+
+    def mapped(self, name: str) -> np.ndarray:
+        """Tensor ``name`` memory-mapped, bfloat16/float8 as bits (see :meth:`SafetensorsFile.mapped`)."""
+        self.info(name)
+        return self.file_of(name).mapped(name)
 
     def describe(self) -> dict:
         """Paths and sizes of the files, for the report."""

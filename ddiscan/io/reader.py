@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from . import dtypes
 from ..errors import HeaderError, InputError, NotSafetensors, PickleRefused, UnsupportedDtype
 
-__all__ = ["sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle"]
+__all__ = ["sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle", "stored_as"]
 
 MAX_HEADER_SIZE = 100_000_000
 
@@ -39,17 +39,25 @@ DTYPE_BITS = {
     "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
 
-# dtypes ddiscan can map as numpy arrays.
+# dtypes ddiscan can map as numpy arrays; BF16 and float8 are mapped as their bits
+# (ddiscan/io/dtypes.py decodes them).
 NUMPY_DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
     "I16": np.dtype(np.int16), "U16": np.dtype(np.uint16), "I32": np.dtype(np.int32),
     "U32": np.dtype(np.uint32), "I64": np.dtype(np.int64), "U64": np.dtype(np.uint64),
     "F16": np.dtype(np.float16), "F32": np.dtype(np.float32), "F64": np.dtype(np.float64),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    **dtypes.STORAGE,
 }
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+
+
+def stored_as(values, dtype: str) -> np.ndarray:
+    """``values`` as a tensor of safetensors dtype ``dtype`` would store them (rounded)."""
+    if dtype in dtypes.ENCODED:
+        return dtypes.encode(values, dtype)
+    return np.asarray(values).astype(NUMPY_DTYPES[dtype])
+
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -223,7 +231,15 @@ class SafetensorsFile:
         return self.tensors.keys()
 
     def array(self, name: str) -> np.ndarray:
-        """Tensor ``name`` as a read-only array in its file dtype (a memory map, no copy)."""
+        """Tensor ``name`` as a read-only float (or integer) array: a memory map in its file
+        dtype, or, for bfloat16 and float8, a float32 copy of its values."""
+        mapped = self.mapped(name)
+        encoding = self.tensors[name].dtype
+        return dtypes.decode(mapped, encoding) if encoding in dtypes.ENCODED else mapped
+
+    def mapped(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only memory map, no copy: in its file dtype, or, for
+        bfloat16 and float8, as its stored bits (``widen(..., encoding=dtype)`` reads them)."""
         info = self.tensors[name]
         if info.dtype not in NUMPY_DTYPES:
             raise UnsupportedDtype(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which ddiscan cannot read")
