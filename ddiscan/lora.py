@@ -1,16 +1,26 @@
 """Adapter files → LoRA modules matched to base weights, each with its scaling.
 
-Two key layouts are read (SPEC.md §1):
+Three key layouts are read (SPEC.md §1):
 
 * **PEFT** (also diffusers and mergekit, which use PEFT keys under other prefixes):
-  ``base_model.model.<path>.lora_A[.<adapter>].weight`` / ``lora_B``, and
-  ``<path>.lora_embedding_A`` / ``lora_embedding_B`` for embeddings. The scaling comes from
-  ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``, ``rank_pattern``,
-  ``alpha_pattern``), or from the ``lora_adapter_metadata`` entry diffusers writes into the
-  file's ``__metadata__``.
+  ``base_model.model.<path>.lora_A[.<adapter>].weight`` / ``lora_B`` (with ``lora_B.bias``
+  under ``lora_bias=True``), and ``<path>.lora_embedding_A`` / ``lora_embedding_B`` for
+  embeddings. The scaling comes from ``adapter_config.json`` (``r``, ``lora_alpha``,
+  ``use_rslora``, ``rank_pattern``, ``alpha_pattern``), or from the ``lora_adapter_metadata``
+  entry diffusers writes into the file's ``__metadata__``. AdaLoRA adds ``lora_E`` (r × 1):
+  ΔW = B·diag(E)·A · lora_alpha / (init_r + 1e-5), as PEFT's ``SVDLinear.get_delta_weight``.
 * **kohya / sd-scripts**: ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an
   optional ``<name>.alpha``, where ``<name>`` is ``lora_unet_``/``lora_te_``… followed by the
   base key with dots written as underscores.
+* **diffusers before PEFT** (its SD/SDXL training scripts, ``LoRALinearLayer`` /
+  ``LoRAConv2dLayer``): ``<path>.lora.down.weight`` / ``.lora.up.weight``,
+  ``<path>.lora_linear_layer.down.weight`` (text encoders) and attention-processor keys
+  ``<attn>.processor.to_q_lora.down.weight`` (``to_k``/``to_v``; ``to_out_lora`` is
+  ``to_out.0``), with an optional ``<path>.alpha``: s = alpha / r, or 1 without one.
+
+Every other tensor that carries an update (a LoRA-looking key in no layout above, or a
+LoHa/LoKr/OFT/BOFT/IA3/VeRA tensor) is *unread*: an error, or a counted warning with
+``allow_unmatched``, never a silent drop.
 
 Every module is returned in PyTorch ``nn.Linear`` terms: ``up`` is d × r, ``down`` is r × k
 and ΔW = s · up · down has the shape (d, k) of the base weight as scored (after a GPT-2
@@ -87,6 +97,8 @@ class LoraModule:
     transpose_base: bool = False
     dora_key: str | None = None
     alpha_key: str | None = None
+    singular_key: str | None = None  # AdaLoRA's lora_E, folded into down
+    bias_key: str | None = None  # PEFT's lora_B.bias (lora_bias=True)
 
     @property
     def kind(self) -> str:
@@ -101,7 +113,8 @@ class LoraModule:
 
     @property
     def adapter_keys(self) -> tuple[str, ...]:
-        return tuple(k for k in (self.down_key, self.up_key, self.dora_key, self.alpha_key) if k)
+        keys = (self.down_key, self.up_key, self.singular_key, self.bias_key, self.dora_key, self.alpha_key)
+        return tuple(k for k in keys if k)
 
 
 # ---------------------------------------------------------------------------------------
@@ -156,71 +169,137 @@ def load_adapter(path) -> Adapter:
 # Grouping adapter keys into LoRA pairs
 
 
+# Key components that name a non-LoRA PEFT/LyCORIS method, by prefix.
+_ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"),
+               ("vera_", "VeRA"))
+# "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
+_LORA_WORD = re.compile(r"(?:^|_)lora(?:_|$)", re.IGNORECASE)
+# diffusers' attention-processor LoRA (LoRAAttnProcessor): <attn>.processor.to_q_lora.down.weight
+_PROCESSOR_FACTOR = re.compile(r"to_(q|k|v|out)_lora")
+
+
 @dataclass
 class _Pair:
     name: str
-    style: str  # "peft" or "kohya"
+    style: str | None = None  # "peft", "kohya" or "diffusers", from the factor keys
     up: str | None = None
     down: str | None = None
     embedding: bool = False
     dora: str | None = None
     alpha: str | None = None
+    singular: str | None = None  # AdaLoRA's lora_E
+    bias: str | None = None  # lora_B.bias
     adapter_name: str | None = None
     extra: list = field(default_factory=list)
 
+    def assign(self, slot: str, key: str, style: str | None = None) -> None:
+        if getattr(self, slot) is not None:
+            raise MatchError(f"{key} and {getattr(self, slot)}: two {slot} tensors for LoRA module {self.name}")
+        setattr(self, slot, key)
+        if style is not None:
+            if self.style not in (None, style):
+                raise MatchError(f"{key}: LoRA module {self.name} mixes {self.style} and {style} keys")
+            self.style = style
 
-def _classify(keys) -> tuple[dict[str, _Pair], list[Skipped]]:
+
+def _algorithm(parts: list[str]) -> str | None:
+    for part in parts:
+        for prefix, name in _ALGORITHMS:
+            if part.startswith(prefix):
+                return name
+    return None
+
+
+def _diffusers_module(stem: list[str]) -> list[str] | None:
+    """The module path of a pre-PEFT diffusers LoRA factor (key without ``.down.weight``),
+    or None when ``stem`` is not in that layout."""
+    *path, last = stem
+    if not path:
+        return None
+    if last in ("lora", "lora_linear_layer"):
+        return path
+    match = _PROCESSOR_FACTOR.fullmatch(last)
+    if match is None:
+        return None
+    if path[-1] == "processor":
+        path = path[:-1]
+    return path + (["to_out", "0"] if match.group(1) == "out" else [f"to_{match.group(1)}"])
+
+
+def _legit_skip(key: str, parts: list[str]) -> str | None:
+    """Why a tensor that is no LoRA factor is passed over, or None when it carries an update
+    ddiscan cannot read."""
+    if "trainable_tokens" in key or "token_adapter" in key:
+        return "trainable tokens"
+    if ".base_layer." in key:
+        return "full weight (base layer saved by PEFT)"
+    if "modules_to_save" in key:
+        return "full weight (modules_to_save)"
+    if any(_LORA_WORD.search(part) for part in parts):
+        return None
+    if parts[-1] == "bias":
+        return "bias"
+    if key.startswith(PEFT_PREFIX):
+        return "full weight (modules_to_save)"
+    return "not a LoRA tensor"
+
+
+def _classify(keys) -> tuple[dict[str, _Pair], list[Skipped], list[Skipped]]:
+    """LoRA pairs by module name; tensors legitimately skipped; tensors with an update that
+    ddiscan cannot read (unread)."""
     pairs: dict[str, _Pair] = {}
     skipped: list[Skipped] = []
+    unread: list[Skipped] = []
 
-    def pair(name, style):
-        return pairs.setdefault(name, _Pair(name, style))
+    def pair(name):
+        return pairs.setdefault(name, _Pair(name))
 
     for key in keys:
         parts = key.split(".")
+        algorithm = _algorithm(parts)
+        if algorithm:
+            unread.append(Skipped(key, f"{algorithm} tensor (not LoRA; not supported yet)"))
+            continue
         if len(parts) >= 3 and parts[-2] in ("lora_down", "lora_up") and parts[-1] == "weight":
-            p = pair(".".join(parts[:-2]), "kohya")
-            setattr(p, "down" if parts[-2] == "lora_down" else "up", key)
+            pair(".".join(parts[:-2])).assign(parts[-2].removeprefix("lora_"), key, "kohya")
             continue
-        if len(parts) >= 2 and parts[-1] == "alpha":
-            pair(".".join(parts[:-1]), "kohya").alpha = key
+        module = _diffusers_module(parts[:-2]) if len(parts) >= 3 and parts[-2] in ("down", "up") else None
+        if module and parts[-1] == "weight":
+            pair(".".join(module)).assign(parts[-2], key, "diffusers")
             continue
-        if len(parts) >= 2 and parts[-1] == "dora_scale":
-            pair(".".join(parts[:-1]), "kohya").dora = key
+        if len(parts) >= 2 and parts[-1] in ("alpha", "dora_scale"):
+            name = ".".join(_diffusers_module(parts[:-1]) or parts[:-1])
+            pair(name).assign("alpha" if parts[-1] == "alpha" else "dora", key)
             continue
-        if parts[-1] == "bias":
-            skipped.append(Skipped(key, "bias"))
-            continue
-        stem = parts[:-1] if parts[-1] == "weight" else parts
+        stem = parts[:-1] if parts[-1] in ("weight", "bias") else parts
         found = None
         for i in (len(stem) - 1, len(stem) - 2):
-            if i >= 1 and (stem[i] in _PEFT_PARTS or stem[i] == "lora_magnitude_vector"):
+            if i >= 1 and (stem[i] in _PEFT_PARTS or stem[i] in ("lora_magnitude_vector", "lora_E")):
                 found = i
                 break
-        if found is None:
-            if any(p.startswith(("hada_", "lokr_", "oft_", "boft_")) for p in parts):
-                skipped.append(Skipped(key, "not LoRA (LyCORIS/OFT tensor)"))
-            elif "trainable_tokens" in key or "token_adapter" in key:
-                skipped.append(Skipped(key, "trainable tokens"))
-            elif ".base_layer." in key:
-                skipped.append(Skipped(key, "full weight (base layer saved by PEFT)"))
-            elif "modules_to_save" in key or key.startswith(PEFT_PREFIX):
-                skipped.append(Skipped(key, "full weight (modules_to_save)"))
+        if found is None or (parts[-1] == "bias" and stem[found] != "lora_B"):
+            reason = _legit_skip(key, parts)
+            if reason is None:
+                unread.append(Skipped(key, "LoRA-looking tensor in a layout ddiscan does not read"))
             else:
-                skipped.append(Skipped(key, "not a LoRA tensor"))
+                skipped.append(Skipped(key, reason))
             continue
         name = ".".join(stem[:found])
         name = name.removeprefix(PEFT_PREFIX)
         adapter_name = stem[found + 1] if found + 1 < len(stem) else None
-        p = pair(name, "peft")
+        p = pair(name)
         p.adapter_name = p.adapter_name or adapter_name
         part = stem[found]
         if part == "lora_magnitude_vector":
-            p.dora = key
+            p.assign("dora", key)
+        elif part == "lora_E":
+            p.assign("singular", key)
+        elif parts[-1] == "bias":
+            p.assign("bias", key)
         else:
-            setattr(p, _PEFT_PARTS[part], key)
+            p.assign(_PEFT_PARTS[part], key, "peft")
             p.embedding = p.embedding or part.startswith("lora_embedding")
-    return pairs, skipped
+    return pairs, skipped, unread
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,6 +383,28 @@ def _peft_scale(config: dict | None, source: str, name: str, rank: int) -> tuple
     return alpha / r, f"{source} (lora_alpha={alpha:g}/r={r})"
 
 
+def _adalora_scale(adapter: Adapter, pair: _Pair, rank: int) -> tuple[float, str]:
+    """PEFT's AdaLoRA: ΔW = B·(A ⊙ E) · scaling / (ranknum + 1e-5), scaling = lora_alpha (r when
+    lora_alpha is 0) and ranknum = init_r, which PEFT does not save and keeps after a rank
+    pattern prunes ranks; lora_E is folded into A by :func:`lora_factors`."""
+    source = adapter.config_source or str(adapter.file.path)
+    config = adapter.config or {}
+    if pair.singular is None:
+        raise MatchError(f"{source}: AdaLoRA adapter, but {pair.down} has no lora_E beside it")
+    if config.get("peft_type") != "ADALORA":
+        raise InputError(f"{pair.singular}: an AdaLoRA lora_E needs its adapter_config.json (peft_type ADALORA, "
+                         "init_r, lora_alpha) for the scaling, or pass --scaling")
+    try:
+        init_r = int(config["init_r"])
+        alpha = float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{source}: an AdaLoRA config needs numeric 'init_r' and 'lora_alpha'") from None
+    if not 0 < rank <= init_r:
+        raise ShapeMismatch(f"{source}: says init_r={init_r} for {pair.name}, but its AdaLoRA tensors have rank {rank}")
+    scaling = alpha if alpha > 0 else float(rank)
+    return scaling / (init_r + 1e-5), f"{source} (AdaLoRA: lora_alpha={scaling:g}/(init_r={init_r}+1e-5))"
+
+
 def _scalar(file: SafetensorsFile, key: str) -> float:
     value = np.asarray(file.array(key), dtype=np.float64).ravel()
     if value.size != 1:
@@ -334,6 +435,15 @@ def _factor_shapes(pair: _Pair, file: SafetensorsFile) -> tuple[int, int, int, s
             raise ShapeMismatch(f"{where}: unsupported convolution LoRA layout")
         return up[0], math.prod(down[1:]), down[0], "conv"
     raise ShapeMismatch(f"{where}: LoRA factors must both be 2-D (or both 4-D convolution kernels)")
+
+
+def _check_singular(pair: _Pair, file: SafetensorsFile, r: int) -> None:
+    """AdaLoRA's lora_E holds one value per rank: r × 1."""
+    if pair.singular is None:
+        return
+    shape = tuple(file.tensors[pair.singular].shape)
+    if shape not in ((r, 1), (r,)):
+        raise ShapeMismatch(f"{file.path}: {pair.singular} is {list(shape)}, AdaLoRA's lora_E must be {r} × 1")
 
 
 def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, int, str]:
@@ -373,16 +483,19 @@ def match_modules(
     alpha, scaling : float, optional
         Override the scaling: ``s = alpha / r`` or ``s = scaling`` for every module.
     allow_unmatched : bool, default False
-        Report LoRA pairs with no base weight as warnings instead of an error.
+        Report LoRA pairs with no base weight, and adapter tensors with an update ddiscan
+        cannot read (non-LoRA methods, unknown LoRA layouts), as warnings instead of an error.
 
     Returns
     -------
     modules : list of LoraModule, sorted by name
-    skipped : list of Skipped, the adapter tensors that are not LoRA factors
+    skipped : list of Skipped, the adapter tensors that are not LoRA factors (with
+        ``allow_unmatched``, also the unread ones)
     warnings : list of str
     """
     file = adapter.file
-    pairs, skipped = _classify(file.keys())
+    _check_peft_type(adapter)
+    pairs, skipped, unread = _classify(file.keys())
     warnings: list[str] = []
     names = sorted({p.adapter_name for p in pairs.values() if p.adapter_name})
     if len(names) > 1:
@@ -392,16 +505,32 @@ def match_modules(
         if p.up or p.down:
             have, lack = (p.up, "lora_A/lora_down") if p.up else (p.down, "lora_B/lora_up")
             raise MatchError(f"{file.path}: {have} has no matching {lack} tensor")
-        skipped.extend(Skipped(k, "alpha/magnitude without a LoRA pair") for k in (p.alpha, p.dora) if k)
+        if p.alpha:
+            skipped.append(Skipped(p.alpha, "alpha without a LoRA pair"))
+        unread.extend(Skipped(k, "magnitude/lora_E/bias without a LoRA pair") for k in (p.dora, p.singular, p.bias) if k)
     pairs = {n: p for n, p in pairs.items() if p.up and p.down}
     if not pairs:
+        if unread:
+            raise NoLoraPairs(f"{file.path}: no LoRA A/B pairs; {_unread_summary(unread)}")
         raise NoLoraPairs(f"{file.path}: no LoRA A/B pairs found (expected lora_A/lora_B or lora_down/lora_up keys)")
+    if unread:
+        message = f"{file.path}: LoRA pairs beside {_unread_summary(unread)}"
+        if not allow_unmatched:
+            raise MatchError(f"{message}; refusing to score a part of the adapter (--allow-unmatched scores the LoRA pairs alone)")
+        warnings.append(f"{message}; only the LoRA pairs are scored")
+        skipped.extend(unread)
 
     lookup = _BaseNames(base.keys())
     found: list[tuple[_Pair, str, int, int, int, str, bool, bool]] = []
     unmatched: list[str] = []
     for pair in sorted(pairs.values(), key=lambda p: p.name):
-        d, k, r, layout = _nonempty(_factor_shapes(pair, file), f"{file.path}: {pair.down}")
+        shapes = _factor_shapes(pair, file)
+        if pair.singular is not None and shapes[2] == 0:  # AdaLoRA's budget pruned every rank: ΔW = 0
+            skipped.extend(Skipped(key, "AdaLoRA module with every rank pruned (ΔW = 0)")
+                           for key in (pair.down, pair.up, pair.singular))
+            continue
+        d, k, r, layout = _nonempty(shapes, f"{file.path}: {pair.down}")
+        _check_singular(pair, file, r)
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
         if not candidates and pair.name.rsplit(".", 1)[-1] == "lm_head":
             candidates = _tied_embedding(base, lookup, d, k)
@@ -439,13 +568,37 @@ def match_modules(
         modules.append(LoraModule(
             name=pair.name, base_key=base_key, up_key=pair.up, down_key=pair.down, layout=layout,
             d=d, k=k, r=r, scale=scale, scale_source=source, transpose_base=transpose,
-            dora_key=pair.dora, alpha_key=pair.alpha,
+            dora_key=pair.dora, alpha_key=pair.alpha, singular_key=pair.singular, bias_key=pair.bias,
         ))
     if any(m.dora_key for m in modules):
         warnings.append("DoRA adapter: the magnitude vectors are not scored, only the low-rank update s·B·A")
     if any(m.scale_source.startswith("default") for m in modules) and alpha is None and scaling is None:
         warnings.append("no adapter_config.json or .alpha tensors: scaling s = 1 assumed (pass --alpha or --scaling)")
     return modules, skipped, warnings
+
+
+def _unread_summary(unread: list[Skipped]) -> str:
+    """``12 tensors ddiscan cannot read (LoHa tensor …: 12): key, key and 10 more``"""
+    counts: dict[str, int] = {}
+    for s in unread:
+        counts[s.reason] = counts.get(s.reason, 0) + 1
+    kinds = "; ".join(f"{reason}: {n}" for reason, n in counts.items())
+    keys = [s.key for s in unread]
+    listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"{len(keys)} tensor(s) ddiscan cannot read ({kinds}): {listed}"
+
+
+_LORA_PEFT_TYPES = ("LORA", "ADALORA")
+
+
+def _check_peft_type(adapter: Adapter) -> None:
+    """adapter_config.json names the method: anything but LoRA/AdaLoRA is refused by name."""
+    peft_type = (adapter.config or {}).get("peft_type")
+    if peft_type is not None and str(peft_type).upper() not in _LORA_PEFT_TYPES:
+        raise NoLoraPairs(
+            f"{adapter.config_source}: peft_type {peft_type} is not LoRA; ddiscan reads LoRA and AdaLoRA "
+            f"adapters, {peft_type} is not supported yet"
+        )
 
 
 _EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
@@ -504,11 +657,13 @@ def _scale(adapter: Adapter, pair: _Pair, rank: int, alpha: float | None, scalin
         return float(scaling), f"--scaling {scaling:g}"
     if alpha is not None:
         return alpha / rank, f"--alpha {alpha:g} / r={rank}"
-    if pair.style == "kohya":
+    if pair.style in ("kohya", "diffusers"):
         if pair.alpha:
             a = _scalar(adapter.file, pair.alpha)
             return a / rank, f"{pair.alpha} (alpha={a:g}/r={rank})"
         return 1.0, "default (no .alpha tensor: alpha = r)"
+    if pair.singular is not None or (adapter.config or {}).get("peft_type") == "ADALORA":
+        return _adalora_scale(adapter, pair, rank)
     scale = _peft_scale(adapter.config, adapter.config_source or "", pair.name, rank)
     if scale is None:
         return 1.0, "default (no adapter config)"
@@ -523,6 +678,8 @@ def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray,
     """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
     up = np.asarray(file.array(module.up_key), dtype=np.float64)
     down = np.asarray(file.array(module.down_key), dtype=np.float64)
+    if module.singular_key is not None:  # AdaLoRA: B·diag(E)·A, zero rows of E included
+        down = np.asarray(file.array(module.singular_key), dtype=np.float64).reshape(-1, 1) * down
     if module.layout == "embedding":
         return down.T, up.T
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
@@ -547,10 +704,12 @@ def dense_delta(module: LoraModule, file: SafetensorsFile) -> np.ndarray:
 
 
 def module_keys(file: SafetensorsFile) -> dict[str, dict[str, list[str]]]:
-    """Each LoRA module's adapter keys: ``factors`` (A/B or down/up) and ``extra`` (DoRA
-    magnitude, kohya alpha), by module name, read from the key names alone (no base)."""
-    pairs, _ = _classify(file.keys())
+    """Each LoRA module's adapter keys: ``factors`` (A/B or down/up, AdaLoRA's lora_E and
+    lora_B.bias: all that zeroing removes the module's update) and ``extra`` (DoRA magnitude,
+    kohya alpha), by module name, read from the key names alone (no base)."""
+    pairs, _, _ = _classify(file.keys())
     return {
-        name: {"factors": [p.down, p.up], "extra": [k for k in (p.dora, p.alpha) if k]}
+        name: {"factors": [k for k in (p.down, p.up, p.singular, p.bias) if k],
+               "extra": [k for k in (p.dora, p.alpha) if k]}
         for name, p in pairs.items() if p.up and p.down
     }

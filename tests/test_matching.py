@@ -722,14 +722,15 @@ def test_skipped_tensors_have_reasons(tmp_path):
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": np.ones((2, HIDDEN), np.float32),
     }
     base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=tensors)
-    modules, skipped, _ = match(base, adapter)
-    assert [m.name for m in modules] == ["model.layers.0.self_attn.q_proj"]
+    (module,), skipped, _ = match(base, adapter)
+    assert module.name == "model.layers.0.self_attn.q_proj"
+    # lora_B.bias (PEFT's lora_bias=True) is part of the module's update, not skipped
+    assert module.bias_key == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
     reasons = {s.key: s.reason for s in skipped}
     assert reasons == {
         "base_model.model.lm_head.weight": "full weight (modules_to_save)",
         "base_model.model.score.modules_to_save.default.weight": "full weight (modules_to_save)",
         "base_model.model.model.layers.0.self_attn.q_proj.bias": "bias",
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": "bias",
         "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": "trainable tokens",
     }
 
