@@ -177,6 +177,17 @@ def _blas_threads(threads: int | None):
         yield
 
 
+def effective_threads(threads: int | None) -> int | None:
+    """The threads BLAS will use: ``threads``, or what the loaded BLAS is set to (None when
+    no BLAS library can be inspected)."""
+    if threads is not None:
+        return threads
+    from threadpoolctl import threadpool_info
+
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
 def _open_base(base):
     if isinstance(base, (TensorIndex, Profile)):
         return base
@@ -321,7 +332,8 @@ def scan_many(
     parameters = {
         "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
         "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
-        "allow_unmatched": allow_unmatched, "device": device, "threads": threads, "eps": spectral.EPS,
+        "allow_unmatched": allow_unmatched, "device": device, "threads": effective_threads(threads),
+        "eps": spectral.EPS,
         "method": method, "components": list(components) if components else None,
         "aligned": None if aligned is None else str(aligned),
         "unaligned": None if unaligned is None else str(unaligned), "samples": samples,

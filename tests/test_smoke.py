@@ -26,3 +26,27 @@ def test_cli_table_lists_every_module():
     assert lines[0].split()[:2] == ["rank", "module"]
     assert lines[1].split()[1] == "model.layers.1.self_attn.v_proj"
     assert lines[-1].startswith("8 modules; DDI min")
+
+
+def test_the_fixture_script_writes_the_committed_bytes(tmp_path):
+    """fixtures/ is generated, never edited: the script reproduces every file, byte for byte."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "fixtures" / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(ROOT / "fixtures") for p in (ROOT / "fixtures").rglob("*")
+                       if p.is_file() and p.suffix != ".py" and "__pycache__" not in p.parts)
+    assert written == committed
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (ROOT / "fixtures" / name).read_bytes(), name
+
+
+def test_the_report_records_the_threads_blas_used():
+    from threadpoolctl import threadpool_info
+
+    blas = max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
+    assert ddiscan.scan(BASE, ADAPTER).parameters["threads"] == blas
+    assert ddiscan.scan(BASE, ADAPTER, threads=1).parameters["threads"] == 1
