@@ -404,6 +404,17 @@ def test_a_named_revision_not_in_the_cache_is_not_replaced(env, monkeypatch):
     assert found.source == "profile" and any("'" + C3 + "'" in w for w in found.warnings)
 
 
+def test_a_quantized_snapshot_is_passed_over_naming_the_scheme(env, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("HF_HOME", str(env / "hf"))
+    config = transformers.LlamaConfig(quantization_config=transformers.GPTQConfig(bits=4).to_dict()).to_json_string()
+    add_snapshot(env / "hf" / "hub", C1, {"config.json": config.encode(), "model.safetensors": base_bytes()})
+    with pytest.raises(InputError) as exc:
+        find_base(write_adapter(env / "adapter"))
+    assert f"snapshot {C1[:12]} (refs/main): " in str(exc.value) and "quantized with gptq" in str(exc.value)
+
+
 @pytest.mark.parametrize("revision", ["../../../elsewhere", "/abs", "a b", "x/../../y", 3])
 def test_a_revision_that_is_no_ref_name_is_bad_input(env, revision):
     with pytest.raises(InputError) as exc:
