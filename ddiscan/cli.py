@@ -15,8 +15,10 @@ import click
 
 from ._version import __version__
 from .errors import DdiscanError, InputError
+from .io.reader import SafetensorsFile
 from .io.writer import refuse_input_as_output, write_atomic
 from .locate import find_base
+from .lora import KOHYA_PREFIXES, PEFT_PREFIX, _classify
 from .methods import parse_components
 from .plot import plot_report
 from .profile import DEFAULT_EXCLUDE, build_profile
@@ -241,14 +243,19 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
     Exit 0 when every module passes, 1 when any exceeds --max-ddi or --max-ddi-norm (one
     line each: FILE:1: MODULE: DDI VALUE > LIMIT), 2 on usage errors, 3 on bad input.
     ADAPTER may be a PEFT directory, a .safetensors file, or an adapter_config.json (its
-    directory is checked), as pre-commit passes them.
+    directory is checked), as pre-commit passes them. A .safetensors file with no LoRA key
+    in its header outside a PEFT directory (a base, an embedding, an MLX adapter), or an
+    adapter_config.json without adapter weights beside it, is passed over with a note.
     """
     limits = {"ddi": (max_ddi, max_ddi_norm), "safelora": (min_cosine,), "splora": (max_ediem,)}
     if all(limit is None for limit in limits[kwargs["method"]]):
         flags = {"ddi": "--max-ddi and/or --max-ddi-norm", "safelora": "--min-cosine", "splora": "--max-ediem"}
         raise click.UsageError(f"give {flags[kwargs['method']]}")
-    targets = list(dict.fromkeys(_adapter_of(a) for a in adapters))
-    reports = _scan_all(base, targets, profiles, True, _scan_kwargs(kwargs))
+    targets, notes = _check_targets(adapters)
+    if not quiet:
+        for note in notes:
+            click.echo(f"note: {note}", err=True)
+    reports = _scan_all(base, targets, profiles, True, _scan_kwargs(kwargs)) if targets else []
     failures = []
     for result in reports:
         where = result.inputs["adapter"]["file"]
@@ -276,12 +283,51 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
     sys.exit(1 if failures else 0)
 
 
-def _adapter_of(path: str) -> str:
-    """The adapter a file belongs to: a PEFT directory for its config or weights file."""
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+
+
+def _check_targets(paths) -> tuple[list[str], list[str]]:
+    """The adapters among PATHS, each once, and a note for each path passed over."""
+    targets, notes = [], []
+    for path in paths:
+        target, note = _adapter_of(path)
+        if note is None:
+            targets.append(target)
+        else:
+            notes.append(note)
+    return list(dict.fromkeys(targets)), notes
+
+
+def _adapter_of(path: str) -> tuple[str | None, str | None]:
+    """The adapter a file belongs to (a PEFT directory for its config or weights file), or
+    None and why the file is not one.
+
+    A PEFT directory (adapter_config.json and adapter weights) is always checked, and so is
+    any file whose keys the reader takes for LoRA tensors, so that a broken adapter fails;
+    only a file with no such key at all, or a config with no weights, is passed over.
+    """
     p = Path(path)
-    if p.name == "adapter_config.json" or (p.suffix == ".safetensors" and (p.parent / "adapter_config.json").is_file()):
-        return str(p.parent)
-    return path
+    if p.name == "adapter_config.json":
+        if any((p.parent / name).exists() for name in _PEFT_WEIGHTS):
+            return str(p.parent), None
+        return None, f"{path}: no adapter_model.safetensors beside it, not a PEFT adapter; passed over"
+    if p.suffix != ".safetensors" or not p.is_file():
+        return path, None
+    if p.name == _PEFT_WEIGHTS[0] and (p.parent / "adapter_config.json").is_file():
+        return str(p.parent), None
+    if not _has_lora_keys(SafetensorsFile(p).keys()):
+        return None, f"{path}: not a LoRA adapter (no LoRA key in its header, not in a PEFT directory); passed over"
+    return path, None
+
+
+def _has_lora_keys(keys) -> bool:
+    """Whether any key is named as an adapter's: a LoRA factor or DoRA magnitude as the
+    reader classifies them, or PEFT's ``base_model.model.`` or kohya's ``lora_`` prefix."""
+    keys = list(keys)
+    if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys):
+        return True
+    pairs, _ = _classify(keys)
+    return any(pair.up or pair.down or pair.dora for pair in pairs.values())
 
 
 @cli.command()

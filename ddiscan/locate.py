@@ -2,18 +2,23 @@
 
 When the base is not given, the adapter names it: ``base_model_name_or_path`` in its
 ``adapter_config.json`` (or, for a ``.safetensors`` file without one beside it, in the
-``lora_adapter_metadata`` diffusers stores in the file's ``__metadata__``). That name is
-looked for, in this order:
+``lora_adapter_metadata`` diffusers stores in the file's ``__metadata__``), and its
+``revision`` (PEFT writes the one the base was loaded at; null for the default branch).
+That name is looked for, in this order:
 
 1. **a local path**: as given if absolute, else relative to the current directory, then
    relative to the adapter's directory (a PEFT directory itself; a file's parent);
 2. **the Hugging Face hub cache**: ``HF_HUB_CACHE``, else the legacy
    ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub`` (the order
-   ``huggingface_hub`` itself uses), in ``models--ORG--NAME/snapshots/REV/``. The revision
-   is the one ``refs/main`` names; without that ref, the only snapshot, or the most
-   recently modified of several (with a warning). A snapshot without safetensors weights
-   (only config files, or only ``pytorch_model.bin``) is skipped and the reason noted;
+   ``huggingface_hub`` itself uses), in ``models--ORG--NAME/snapshots/COMMIT/``. The
+   snapshot is the one ``huggingface_hub.snapshot_download(..., local_files_only=True)``
+   resolves the adapter's revision to (a branch or tag through ``refs/REVISION``, a commit
+   hash directly); a named revision that is not in the cache is not replaced by another.
+   With no revision named: ``refs/main``'s; without that ref (or if it names a snapshot
+   not present), the only snapshot, or the most recently modified of several (with a
+   warning). A snapshot without safetensors weights (only config files, or only
+   ``pytorch_model.bin``) is skipped and the reason noted;
 3. **profile directories**: each of ``profiles`` (``--profiles DIR``), then each entry of
    ``DDISCAN_PROFILES`` (``os.pathsep``-separated), for ``ORG--NAME.ddiprofile``, then for
    ``NAME.ddiprofile``.
@@ -21,7 +26,9 @@ looked for, in this order:
 Every candidate is accepted only if it opens as a checkpoint (``io.index.TensorIndex``), so
 a directory that exists but holds no weights is passed over, not returned. When nothing is
 found, :class:`~ddiscan.errors.InputError` names, on one line, the name looked for and
-every place looked in. Nothing here opens a socket or imports ``huggingface_hub``.
+every place looked in. Nothing here opens a socket; ``huggingface_hub`` (the client that
+writes the cache, so its reading of the cache is the right one) is imported only when the
+cache is searched, and only ever called with ``local_files_only=True``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ PROFILES_ENV = "DDISCAN_PROFILES"
 # 96 characters
 _REPO_ID = re.compile(r"^(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?$")
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth")
+# a branch or tag name (path-like parts of word characters, '.' and '-'), or a commit hash
+_REVISION = re.compile(r"^[\w.-]+(?:/[\w.-]+)*$")
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,11 @@ class Located:
 
 def base_model_name(adapter_path) -> str:
     """``base_model_name_or_path`` of the adapter at ``adapter_path``; InputError if none."""
+    return _base_reference(adapter_path)[0]
+
+
+def _base_reference(adapter_path) -> tuple[str, str | None]:
+    """``base_model_name_or_path`` and ``revision`` (None if not named) of the adapter."""
     from .lora import load_adapter
 
     adapter = load_adapter(adapter_path)
@@ -89,7 +103,12 @@ def base_model_name(adapter_path) -> str:
         raise InputError(
             f"{adapter_path}: {adapter.config_source} has no base_model_name_or_path; pass BASE"
         )
-    return name.strip()
+    revision = adapter.config.get("revision")
+    if revision is None or revision == "":
+        return name.strip(), None
+    if not isinstance(revision, str) or not _REVISION.match(revision) or ".." in revision.split("/"):
+        raise InputError(f"{adapter.config_source}: revision {revision!r} is not a branch, tag or commit name")
+    return name.strip(), revision
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,27 +204,47 @@ def _local_candidates(name: str, adapter_path: Path, cwd: Path, env) -> list[Pat
     return out
 
 
-def _snapshot_choice(repo_dir: Path, warnings: list[str]) -> tuple[Path | None, str]:
+def _hub_snapshot(cache: Path, repo_dir: Path, repo_id: str, revision: str) -> tuple[Path | None, str]:
+    """The snapshot huggingface_hub resolves ``revision`` to in ``cache``, without network,
+    or None and why not."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+    except (OSError, ValueError) as exc:  # LocalEntryNotFoundError is a FileNotFoundError
+        if type(exc).__name__ == "IncompleteSnapshotError":
+            return None, _one_line(exc)
+        return None, ""
+    snapshots_dir = repo_dir / "snapshots"
+    if os.path.abspath(folder.parent) != os.path.abspath(snapshots_dir):
+        return None, f"refs/{revision} points outside {snapshots_dir}"
+    return snapshots_dir / folder.name, ""
+
+
+def _snapshot_choice(repo_dir: Path, cache: Path, repo_id: str, revision: str | None,
+                     warnings: list[str]) -> tuple[Path | None, str]:
     """The snapshot to use in ``repo_dir`` (or None) and a note on how it was chosen / why none."""
     snapshots_dir = repo_dir / "snapshots"
     snapshots = sorted(p for p in snapshots_dir.iterdir() if p.is_dir()) if snapshots_dir.is_dir() else []
     if not snapshots:
         return None, "no snapshots"
+    label = f"revision {revision!r} of the adapter's config" if revision else "refs/main"
+    snapshot, why = _hub_snapshot(cache, repo_dir, repo_id, revision or "main")
+    if snapshot is not None:
+        how = f"snapshot {snapshot.name[:12]} ({label})"
+        problem = _checkpoint_problem(snapshot)
+        return (None, f"{how}: {problem}") if problem else (snapshot, how)
+    if revision is not None or why:  # a named revision is that one or none
+        present = ", ".join(p.name[:12] for p in snapshots)
+        return None, f"{label}: {why or f'not in this cache (snapshots present: {present})'}"
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
         try:
-            commit = ref.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            commit = ""
-            warnings.append(f"{ref}: unreadable ({_one_line(exc)}); ignoring it")
-        if commit:
-            snapshot = snapshots_dir / commit
-            if snapshot.is_dir():
-                problem = _checkpoint_problem(snapshot)
-                if problem:
-                    return None, f"snapshot {commit[:12]} (refs/main): {problem}"
-                return snapshot, f"snapshot {commit[:12]} (refs/main)"
-            warnings.append(f"{ref} names {commit[:12]}, which is not in {snapshots_dir}; choosing among the snapshots present")
+            commit = ref.read_text(encoding="utf-8", errors="replace").strip()
+        except OSError as exc:
+            commit = "(unreadable)"
+            warnings.append(f"{ref}: unreadable ({_one_line(exc.strerror or exc)})")
+        warnings.append(f"{ref} names {commit[:12]!r}, which is not in {snapshots_dir}; choosing among the snapshots present")
     usable, problems = [], []
     for snapshot in snapshots:
         problem = _checkpoint_problem(snapshot)
@@ -277,7 +316,7 @@ def find_base(adapter_path, *, profiles=None, env=None, cwd=None) -> Located:
     env = os.environ if env is None else env
     adapter_path = Path(adapter_path)
     cwd = Path(os.path.abspath(cwd if cwd is not None else os.getcwd()))
-    name = base_model_name(adapter_path)
+    name, revision = _base_reference(adapter_path)
     warnings: list[str] = []
     looked: list[str] = []
 
@@ -299,7 +338,7 @@ def find_base(adapter_path, *, profiles=None, env=None, cwd=None) -> Located:
         if not repo_dir.is_dir():
             looked.append(str(repo_dir))
         else:
-            snapshot, how = _snapshot_choice(repo_dir, warnings)
+            snapshot, how = _snapshot_choice(repo_dir, cache, name, revision, warnings)
             if snapshot is not None:
                 detail = f"Hugging Face cache ({setting}) {repo_dir}, {how}"
                 return Located(snapshot, "hf-cache", name, detail, tuple(warnings))

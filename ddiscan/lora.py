@@ -623,6 +623,20 @@ def _check_not_quantized(base: TensorIndex, keys: set, base_key: str) -> None:
     dtype = base.info(base_key).dtype
     if dtype not in FLOAT_DTYPES:
         raise QuantizedBase(f"{base_key}: base weight has dtype {dtype}, a quantized or non-float format")
+    if dtype.startswith("F8_"):
+        # A float8 weight with any other tensor of its module beside it (a scale, under
+        # whatever name: weight_scale, weight_scale_inv, Mistral's qscale_weight, ...) holds
+        # W0 / scale, not W0; only a bare float8 weight is W0 cast to float8.
+        companions = sorted(
+            key for key in keys
+            if key != base_key and key != stem + ".bias"
+            and (key.startswith(base_key + ".") or (key.startswith(stem + ".") and "." not in key[len(stem) + 1:]))
+        )
+        if companions:
+            raise QuantizedBase(
+                f"{base_key}: a {dtype} base weight with {companions[0]} beside it, a scaled (quantized) float8 "
+                "weight; score against the unquantized base checkpoint"
+            )
 
 
 def _conv1d_evidence(found, config) -> dict[str, bool]:

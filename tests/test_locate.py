@@ -5,8 +5,9 @@ The hub cache is laid out exactly as ``huggingface_hub.file_download`` lays it o
 to ``../../blobs/<sha256>``, ``refs/main`` holding the commit — and every layout is checked
 against the hub client's own reader (``scan_cache_dir``, ``snapshot_download`` with
 ``local_files_only``, ``huggingface_hub.constants`` in a fresh interpreter), so the tests
-agree with the real client, not with our idea of it. huggingface_hub is used only here,
-never by ddiscan.
+agree with the real client, not with our idea of it. ddiscan resolves revisions with
+``snapshot_download(..., local_files_only=True)`` itself, and imports huggingface_hub only
+then, never when it is imported.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def base_bytes(seed: int = 0) -> bytes:
 CONFIG_JSON = json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 16}).encode()
 
 
-def write_adapter(directory: Path, base_name=REPO, *, config=True) -> Path:
+def write_adapter(directory: Path, base_name=REPO, *, config=True, revision=None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(1)
     safetensors.numpy.save_file(
@@ -64,13 +65,15 @@ def write_adapter(directory: Path, base_name=REPO, *, config=True) -> Path:
         cfg = {"r": 2, "lora_alpha": 4, "peft_type": "LORA", "target_modules": ["q_proj"]}
         if base_name is not None:
             cfg["base_model_name_or_path"] = base_name
+        cfg["revision"] = revision  # PEFT writes it, null unless the base was loaded at a revision
         (directory / "adapter_config.json").write_text(json.dumps(cfg), encoding="utf-8")
     return directory
 
 
-def add_snapshot(cache: Path, commit: str, files: dict[str, bytes], *, repo=REPO, ref: bool = True,
+def add_snapshot(cache: Path, commit: str, files: dict[str, bytes], *, repo=REPO, ref: bool | str = True,
                  mtime: float | None = None) -> Path:
-    """One revision in the hub cache, as huggingface_hub writes it."""
+    """One revision in the hub cache, as huggingface_hub writes it; ``ref`` True writes
+    ``refs/main``, a string ``refs/<that branch>``."""
     repo_dir = cache / ("models--" + repo.replace("/", "--"))
     snapshot = repo_dir / "snapshots" / commit
     for name, data in files.items():
@@ -83,8 +86,9 @@ def add_snapshot(cache: Path, commit: str, files: dict[str, bytes], *, repo=REPO
         os.symlink(os.path.relpath(blob, link.parent), link)  # relative, as _create_symlink makes it
     snapshot.mkdir(parents=True, exist_ok=True)
     if ref:
-        (repo_dir / "refs").mkdir(exist_ok=True)
-        (repo_dir / "refs" / "main").write_text(commit)  # no newline, as the client writes it
+        ref_file = repo_dir / "refs" / ("main" if ref is True else ref)
+        ref_file.parent.mkdir(parents=True, exist_ok=True)
+        ref_file.write_text(commit)  # no newline, as the client writes it
     if mtime is not None:
         os.utime(snapshot, (mtime, mtime))
     return snapshot
@@ -351,6 +355,81 @@ def test_sharded_snapshot(env, monkeypatch):
     found = find_base(adapter)
     assert found.path == snapshot
     assert ddiscan.scan(found, adapter).modules[0].ddi > 0
+
+
+def test_the_adapters_revision_is_honoured(env, monkeypatch, no_network):
+    from huggingface_hub import snapshot_download
+
+    monkeypatch.setenv("HF_HOME", str(env / "hf"))
+    cache = env / "hf" / "hub"
+    main = add_snapshot(cache, C1, weights(0), mtime=3_000_000)
+    v2 = add_snapshot(cache, C2, weights(1), ref="v2", mtime=1_000_000)
+    pr = add_snapshot(cache, C3, weights(2), ref="pr/1", mtime=2_000_000)
+    scores = {}
+    for revision, expected in ((None, main), ("main", main), ("v2", v2), ("pr/1", pr), (C2, v2)):
+        adapter = write_adapter(env / f"adapter-{revision}".replace("/", "-"), revision=revision)
+        found = find_base(adapter)
+        assert found.path == expected, revision
+        assert found.path == Path(snapshot_download(REPO, revision=revision, cache_dir=cache, local_files_only=True))
+        assert found.warnings == ()
+        assert expected.name[:12] in found.detail
+        assert (repr(revision) in found.detail) if revision else ("refs/main" in found.detail)
+        scores[revision] = ddiscan.scan(found, adapter).modules[0].ddi
+    # each revision is scored against its own weights, not refs/main's
+    plain = env / "v2.safetensors"
+    safetensors.numpy.save_file(base_tensors(1), str(plain))
+    reference = ddiscan.scan(plain, write_adapter(env / "adapter-plain")).modules[0].ddi
+    assert scores["v2"] == pytest.approx(reference, rel=1e-9) == scores[C2]
+    assert abs(scores["v2"] - scores[None]) > 1e-3 * scores[None]
+    assert not no_network
+
+
+def test_a_named_revision_not_in_the_cache_is_not_replaced(env, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(env / "hf"))
+    cache = env / "hf" / "hub"
+    add_snapshot(cache, C1, weights(0))
+    add_snapshot(cache, C2, weights(1), ref="v2")
+    for revision in ("v3", C3):
+        adapter = write_adapter(env / f"adapter-{revision[:4]}", revision=revision)
+        with pytest.raises(InputError) as exc:
+            find_base(adapter)
+        message = str(exc.value)
+        assert "\n" not in message and message.startswith("no base found for 'org/tiny'")
+        assert f"revision {revision!r}" in message and "not in this cache" in message
+        assert C1[:12] in message and C2[:12] in message  # the snapshots that were there
+    # further down the order, a profile is still found, and the skip is a warning
+    (env / "p").mkdir()
+    (env / "p" / "org--tiny.ddiprofile").write_bytes(base_bytes())
+    found = find_base(adapter, profiles=[env / "p"])
+    assert found.source == "profile" and any("'" + C3 + "'" in w for w in found.warnings)
+
+
+def test_a_quantized_snapshot_is_passed_over_naming_the_scheme(env, monkeypatch):
+    import transformers
+
+    monkeypatch.setenv("HF_HOME", str(env / "hf"))
+    config = transformers.LlamaConfig(quantization_config=transformers.GPTQConfig(bits=4).to_dict()).to_json_string()
+    add_snapshot(env / "hf" / "hub", C1, {"config.json": config.encode(), "model.safetensors": base_bytes()})
+    with pytest.raises(InputError) as exc:
+        find_base(write_adapter(env / "adapter"))
+    assert f"snapshot {C1[:12]} (refs/main): " in str(exc.value) and "quantized with gptq" in str(exc.value)
+
+
+@pytest.mark.parametrize("revision", ["../../../elsewhere", "/abs", "a b", "x/../../y", 3])
+def test_a_revision_that_is_no_ref_name_is_bad_input(env, revision):
+    with pytest.raises(InputError) as exc:
+        find_base(write_adapter(env / "adapter", revision=revision))
+    assert "is not a branch, tag or commit name" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_ref_pointing_outside_the_snapshots_is_not_followed(env, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(env / "hf"))
+    cache = env / "hf" / "hub"
+    add_snapshot(cache, C1, weights(0))
+    outside = write_plain_base(env / "elsewhere")
+    (cache / "models--org--tiny" / "refs" / "evil").write_text(os.path.relpath(outside, cache / "models--org--tiny" / "snapshots"))
+    with pytest.raises(InputError, match=r"refs/evil points outside"):
+        find_base(write_adapter(env / "adapter", revision="evil"))
 
 
 # ---------------------------------------------------------------------------------------

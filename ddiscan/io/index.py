@@ -10,6 +10,13 @@ A base checkpoint may be given as
 
 Shard headers are read lazily, the first time one of their tensors is asked for, so a
 scan touches only the shards that hold tensors it needs.
+
+A quantized checkpoint is refused when it is opened (:class:`~ddiscan.errors.QuantizedBase`):
+ddiscan decodes no quantization scheme, and a quantized weight read as plain numbers gives
+a wrong score. Two things tell: the ``quantization_config`` that transformers writes into
+the ``config.json`` beside the weights for every scheme (its ``quant_method`` names the
+scheme), and, without such a config, packed weights (GPTQ and AWQ store ``qweight``,
+compressed-tensors ``weight_packed``) in place of ``.weight``.
 """
 
 from __future__ import annotations
@@ -20,10 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, QuantizedBase
 from .reader import SafetensorsFile, TensorInfo, check_not_pickle
 
-__all__ = ["TensorIndex", "resolve_checkpoint"]
+__all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme"]
+
+# bitsandbytes' flags (BitsAndBytesConfig.to_dict writes the underscored ones; older
+# configs the plain ones): with none set, the weights were saved unquantized.
+_BNB_FLAGS = ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")
+# the packed integer tensors quantization schemes store instead of ``<module>.weight``
+# (AutoGPTQ/AutoAWQ's QuantLinear: qweight, qzeros, scales; compressed-tensors'
+# pack-quantized compressor: weight_packed, weight_scale, weight_shape)
+_PACKED_WEIGHTS = {"qweight": "GPTQ or AWQ", "weight_packed": "compressed-tensors"}
 
 
 def _require_exists(path: Path) -> None:
@@ -57,6 +72,47 @@ def resolve_checkpoint(path) -> tuple[Path, list[Path] | None]:
     raise InputError(f"{path}: no .safetensors file or *.safetensors.index.json in this directory")
 
 
+def quantization_scheme(config: dict) -> str | None:
+    """The scheme a model ``config.json``'s ``quantization_config`` says its weights are
+    stored in, or None when it declares none (or a bitsandbytes config that loads nothing
+    in 4 or 8 bits)."""
+    quant = config.get("quantization_config")
+    if quant is None:
+        return None
+    if not isinstance(quant, dict):
+        return "an unreadable scheme (quantization_config is not an object)"
+    method = quant.get("quant_method")
+    if method == "bitsandbytes" or (method is None and any(flag in quant for flag in _BNB_FLAGS)):
+        if not any(quant.get(flag) for flag in _BNB_FLAGS):
+            return None
+        four = quant.get("load_in_4bit") or quant.get("_load_in_4bit")
+        return f"bitsandbytes ({'4' if four else '8'}-bit)"
+    return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
+
+
+def _check_unquantized(path: Path, keys) -> None:
+    """QuantizedBase if the checkpoint at ``path`` holds quantized weights."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{config}: not valid JSON ({exc}); ddiscan reads its quantization_config") from None
+        scheme = quantization_scheme(data) if isinstance(data, dict) else None
+        if scheme is not None:
+            raise QuantizedBase(
+                f"{path}: quantized with {scheme} ({config} quantization_config); ddiscan reads unquantized "
+                "bases only — score against the unquantized checkpoint"
+            )
+    for key in keys:
+        scheme = _PACKED_WEIGHTS.get(key.rsplit(".", 1)[-1])
+        if scheme is not None:
+            raise QuantizedBase(
+                f"{path}: quantized with {scheme} ({key} is a packed quantized weight); ddiscan reads "
+                "unquantized bases only — score against the unquantized checkpoint"
+            )
+
+
 class TensorIndex:
     """Map tensor names to the files that hold them, opening each file at most once.
 
@@ -83,6 +139,7 @@ class TensorIndex:
                             f"{self.path}: tensor {name!r} is in both {self.weight_map[name].name} and {file.name}"
                         )
                     self.weight_map[name] = file
+        _check_unquantized(self.path, self.weight_map)
 
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
