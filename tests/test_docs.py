@@ -1,6 +1,8 @@
 """The man page and the README cannot drift from the click definitions."""
 
 import re
+
+import pytest
 from pathlib import Path
 
 import click
@@ -64,6 +66,24 @@ def test_man_page_renders_without_warnings():
     result = subprocess.run([groff, "-man", "-ww", "-z", str(ROOT / "man" / "ddiscan.1")],
                             capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("device", ["ascii", "utf8"])
+def test_man_page_formulas_read_the_same_on_every_terminal(device):
+    """The man page's formulas render as what they say in ASCII and UTF-8 alike (no
+    escapes that turn into arrows or drop a symbol)."""
+    import shutil
+    import subprocess
+
+    groff = shutil.which("groff")
+    assert groff, "groff is needed (.ci/run installs groff-base)"
+    result = subprocess.run([groff, "-man", f"-T{device}", "-P-cbou", str(ROOT / "man" / "ddiscan.1")],
+                            capture_output=True, text=True, env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"})
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0
+    for formula in ("cosine of C*dW and dW", "dW = s*B*A", "C = A*A^T / ||A||_F"):
+        assert formula in text, formula
+    assert not set(text) & set("↑⎪")
 
 
 def test_the_documented_shell_completion_works():
