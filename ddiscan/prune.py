@@ -121,18 +121,20 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     ``mode="project"`` is SafeLoRA's own rewrite (lora_B ← C·lora_B) and needs ``aligned``
     and ``unaligned`` among ``scan_options``.
     """
+    if output is None and not dry_run:
+        raise UsageError("give -o/--output (or --dry-run)")
     adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     if from_report is not None:
         report = load_report(from_report, adapter_obj)
     elif base is None:
         raise UsageError("give BASE, or --from-report REPORT")
     else:
+        # the rule's options, checked before the scan
+        select((), top=top, theta=theta, theta_norm=theta_norm, method=scan_options.get("method", "ddi"))
         report = scan(base, adapter_obj, **scan_options)
     selection = select(report.modules, top=top, theta=theta, theta_norm=theta_norm, method=report.method)
     if dry_run:
         return PruneResult(report, selection, mode, None)
-    if output is None:
-        raise UsageError("give -o/--output (or --dry-run)")
     names = set(selection.names)
     if mode == "project":
         aligned = scan_options.get("aligned") or report.parameters.get("aligned")
