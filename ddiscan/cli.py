@@ -14,13 +14,13 @@ from pathlib import Path
 import click
 
 from ._version import __version__
-from .errors import DdiscanError, InputError
+from .errors import DdiscanError, InputError, OutputError, UsageError
 from .io.reader import SafetensorsFile
 from .io.writer import refuse_input_as_output, write_atomic
 from .locate import find_base
 from .lora import KOHYA_PREFIXES, PEFT_PREFIX, _classify
 from .methods import parse_components
-from .plot import plot_report
+from .plot import check_plot, plot_report
 from .profile import DEFAULT_EXCLUDE, build_profile
 from .prune import prune as prune_adapter
 from .render import FORMATS, heatmap, render
@@ -59,6 +59,21 @@ def _components(ctx, param, value):
         return parse_components(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def _output(ctx, param, value):
+    """An output path, checked while the options are parsed, before any work or write:
+    the directory it goes into must exist."""
+    if value is not None and not Path(value).parent.is_dir():
+        raise OutputError(f"{value}: cannot write (no directory {Path(value).parent})")
+    return value
+
+
+def _plot_output(ctx, param, value):
+    """A --plot picture: an output path (see _output) of a known format, with matplotlib installed."""
+    if _output(ctx, param, value) is not None:
+        check_plot(value)
+    return value
 
 
 def scan_options(fn):
@@ -151,11 +166,12 @@ profiles_option = click.option(
 @profiles_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format.  [default: table on stdout, json with -o]")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
               help="Write the report to OUTPUT (atomically) instead of stdout; with several adapters, "
-                   "a directory for one JSON report each, or one file with --format jsonl.")
+                   "a directory for one JSON report each (named by the adapters' paths), "
+                   "or one file with --format jsonl.")
 @click.option("--heatmap", "heatmap_", is_flag=True, help="Also print DDI by block and module kind as a shaded grid.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve to PLOT (.png or .svg; needs the 'plot' extra).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
 def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
@@ -178,20 +194,19 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
     if several and output is not None and fmt not in (None, "json", "jsonl"):
         raise click.UsageError("with several adapters, -o takes --format json (a directory) or jsonl (one file)")
     inputs = [p for p in (base, *adapters) if p]
-    for out in (output, plot):
+    fmt = fmt or ("json" if output else "table")
+    targets = _report_files(output, list(dict.fromkeys(adapters))) if several and output and fmt == "json" else {}
+    for out in (output, plot, *targets.values()):
         if out is not None:
             refuse_input_as_output(out, inputs)
     options = _scan_kwargs(kwargs)
     reports = _scan_all(base, adapters, profiles, quiet, {"progress": not quiet and sys.stderr.isatty(), **options})
-    fmt = fmt or ("json" if output else "table")
-    if output is not None and several and fmt == "json":
-        Path(output).mkdir(parents=True, exist_ok=True)
-        for result in reports:
-            target = Path(output) / f"{_stem(result)}.json"
-            refuse_input_as_output(target, inputs)
+    if targets:
+        _make_directory(output)
+        for target, result in zip(targets.values(), reports):
             write_atomic(target, render(result, "json").encode("utf-8"))
         if not quiet:
-            click.echo(f"wrote {len(reports)} reports to {output}", err=True)
+            click.echo(f"wrote {_count(len(reports), 'report')} to {output}", err=True)
     else:
         text = "".join(_titled(r, fmt, several) for r in reports)
         if output is None:
@@ -199,7 +214,7 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
         else:
             write_atomic(output, text.encode("utf-8"))
             if not quiet:
-                click.echo(f"wrote {output} ({sum(len(r.modules) for r in reports)} modules)", err=True)
+                click.echo(f"wrote {output} ({_count(sum(len(r.modules) for r in reports), 'module')})", err=True)
     if heatmap_:
         for result in reports:
             click.echo(_titled(result, "heatmap", several), nl=False)
@@ -207,9 +222,43 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
         plot_report(reports[0], plot)
 
 
-def _stem(result) -> str:
-    path = Path(result.inputs["adapter"]["path"])
-    return path.stem if path.is_file() else path.name
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _report_files(output: str, adapters: list[str]) -> dict[str, Path]:
+    """Each adapter's JSON report in the directory ``output``, named by the last components
+    of the adapter's absolute path joined by "-" (a file's suffix dropped), as few as make
+    every name unique: x/lora and y/lora give x-lora.json and y-lora.json. Names that
+    collide at every depth are a UsageError, raised before anything is written."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UsageError(f"{output}: exists and is not a directory (with several adapters, -o names a directory)")
+    parts = {a: _path_parts(a) for a in adapters}
+    depths = range(1, max(1, *(len(p) for p in parts.values())) + 1)
+    choices = [{a: "-".join(p[-depth:]) + ".json" for a, p in parts.items()} for depth in depths]
+    for names in choices:
+        if len(set(names.values())) == len(names):
+            return {a: Path(output) / name for a, name in names.items()}
+    deepest = list(choices[-1].values())
+    clash = next(n for n in deepest if deepest.count(n) > 1)
+    first, second = [a for a, n in choices[-1].items() if n == clash][:2]
+    raise UsageError(f"{first} and {second}: both reports would be {Path(output) / choices[0][first]}; "
+                     "give each adapter once")
+
+
+def _path_parts(adapter: str) -> list[str]:
+    path = Path(os.path.abspath(adapter))
+    parts = list(path.parts[1:])
+    if parts and path.is_file():
+        parts[-1] = path.stem
+    return parts
+
+
+def _make_directory(path: str) -> None:
+    try:
+        Path(path).mkdir(exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the directory ({exc.strerror or exc})") from None
 
 
 def _titled(result, fmt: str, several: bool) -> str:
@@ -374,15 +423,15 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 @click.option("--mode", "--rewrite", "mode", type=click.Choice(MODES), default="zero", show_default=True,
               help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors; "
                    "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
 @click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
-@click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_output,
               help="Write the JSON report, each module marked kept or pruned.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve with the cut marked (.png or .svg).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
 def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, plot, quiet, **kwargs):
@@ -417,7 +466,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
     field, label, _ = SCORES[method]
     finite = [getattr(m, field) for m in result.report.modules if m.finite]
     chosen = result.selection.modules
-    if result.selection.rule != "top" and finite and len(chosen) in (0, len(finite)):
+    if finite and (len(chosen) == len(finite) or (not chosen and result.selection.rule != "top")):
         what = "no module" if not chosen else "every module"
         spread = f"{label} ranges from {min(finite):.6g} to {max(finite):.6g}"
         if method == "ddi":

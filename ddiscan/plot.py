@@ -12,10 +12,24 @@ from .io.writer import write_atomic
 from .render import grid
 from .report import Report
 
-__all__ = ["plot_report", "SIZE_INCHES", "DPI"]
+__all__ = ["plot_report", "check_plot", "SIZE_INCHES", "DPI"]
 
 SIZE_INCHES = (11.0, 4.5)
 DPI = 100
+
+
+def check_plot(path) -> str:
+    """The picture format of ``path`` ("png" or "svg"), once matplotlib is known to import;
+    UsageError otherwise. The command line calls it before any work is done."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg"):
+        raise UsageError(f"{path}: --plot writes .png or .svg files")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'ddiscan[plot]'") from None
+    return fmt
 
 
 def plot_report(report: Report, path, *, cut: tuple[str, float] | None = None) -> None:
@@ -25,16 +39,11 @@ def plot_report(report: Report, path, *, cut: tuple[str, float] | None = None) -
     ``("theta", x)`` at DDI = x, ``("theta_norm", x)`` at DDI_norm = x.
     """
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in ("png", "svg"):
-        raise UsageError(f"{path}: --plot writes .png or .svg files")
-    try:
-        import matplotlib
+    fmt = check_plot(path)
+    import matplotlib
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'ddiscan[plot]'") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
 
     blocks, kinds, values = grid(report)
     fig, (left, right) = plt.subplots(1, 2, figsize=SIZE_INCHES, dpi=DPI, gridspec_kw={"width_ratios": [1, 1.3]})

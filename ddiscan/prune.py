@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, UsageError
+from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
 from . import methods
 from .io.convert import frobenius
@@ -64,7 +64,8 @@ def load_report(path, adapter: Adapter) -> Report:
 
 
 def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.ndarray]:
-    """Row norms of W0 for the DoRA modules among ``names``: the magnitude that makes them a no-op."""
+    """For the DoRA modules among ``names``, the magnitude that makes them a no-op: PEFT's
+    weight norm of W0 (:func:`_dora_norm`), checked against the stored magnitude's size."""
     if base is None:
         return {}
     index = base if isinstance(base, TensorIndex) else TensorIndex(base)
@@ -72,9 +73,22 @@ def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.nd
     magnitudes = {}
     for m in modules:
         if m.name in names and m.dora_key:
-            w0 = np.asarray(base_matrix(m, index), dtype=np.float64)
-            magnitudes[m.dora_key] = np.sqrt(np.sum(w0 * w0, axis=1))
+            norm = _dora_norm(m, np.asarray(base_matrix(m, index), dtype=np.float64))
+            stored = adapter.file.tensors[m.dora_key]
+            if norm.size != stored.numel:
+                raise ShapeMismatch(f"{m.dora_key}: holds {stored.numel} magnitudes, but W0 ({m.base_key}) "
+                                    f"has {norm.size} {'columns' if m.layout == 'embedding' else 'rows'}")
+            magnitudes[m.dora_key] = norm
     return magnitudes
+
+
+def _dora_norm(module, w0: np.ndarray) -> np.ndarray:
+    """PEFT's DoRA weight norm of W0 (``peft/tuners/lora/dora.py``), the d × k matrix as
+    ddiscan orients it: one norm per output feature — a row of a Linear or Conv1D weight
+    (after the Conv1D transpose), a flattened output channel of a convolution — but one
+    per embedding dimension for an embedding (PEFT's ``DoraEmbeddingLayer`` norms the
+    num_embeddings × dim weight over its tokens, with fan_in_fan_out), a column here."""
+    return np.sqrt(np.sum(w0 * w0, axis=0 if module.layout == "embedding" else 1))
 
 
 def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) -> dict[str, np.ndarray]:
@@ -107,18 +121,20 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     ``mode="project"`` is SafeLoRA's own rewrite (lora_B ← C·lora_B) and needs ``aligned``
     and ``unaligned`` among ``scan_options``.
     """
+    if output is None and not dry_run:
+        raise UsageError("give -o/--output (or --dry-run)")
     adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     if from_report is not None:
         report = load_report(from_report, adapter_obj)
     elif base is None:
         raise UsageError("give BASE, or --from-report REPORT")
     else:
+        # the rule's options, checked before the scan
+        select((), top=top, theta=theta, theta_norm=theta_norm, method=scan_options.get("method", "ddi"))
         report = scan(base, adapter_obj, **scan_options)
     selection = select(report.modules, top=top, theta=theta, theta_norm=theta_norm, method=report.method)
     if dry_run:
         return PruneResult(report, selection, mode, None)
-    if output is None:
-        raise UsageError("give -o/--output (or --dry-run)")
     names = set(selection.names)
     if mode == "project":
         aligned = scan_options.get("aligned") or report.parameters.get("aligned")

@@ -4,7 +4,10 @@
 LoRA factors (ΔW = 0; all-zero bytes are +0.0 in every float format). A DoRA module is
 a no-op only when its magnitude vector equals the row norms of W0, so those are reset
 too. ``drop`` mode removes the pruned modules' tensors, and for a PEFT directory adds
-them to ``exclude_modules`` in ``adapter_config.json`` so PEFT does not expect them.
+them to ``exclude_modules`` in ``adapter_config.json`` so PEFT does not expect them; the
+base layer PEFT saves with some modules (``<module>.base_layer.weight``, of a targeted
+embedding) is kept under the name PEFT gives it when the module is not a target
+(``<module>.weight``), so that PEFT loads it into the unwrapped module.
 
 Tensors stream from the source file's memory map to the output, in the source's order,
 one chunk at a time; untouched tensors are copied byte for byte.
@@ -68,7 +71,8 @@ def _array_chunks(array: np.ndarray):
     return lambda: iter([np.ascontiguousarray(array).tobytes()])
 
 
-def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replaced: dict[str, np.ndarray]):
+def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replaced: dict[str, np.ndarray],
+             renamed: dict[str, str]):
     entries = []
     for info in sorted(file.tensors.values(), key=lambda i: i.start):
         if info.name in dropped:
@@ -81,7 +85,7 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
             source = _zero_chunks(nbytes)
         else:
             source = _copy_chunks(file, info.name)
-        entries.append(SafetensorsEntry(info.name, info.dtype, info.shape, nbytes, source))
+        entries.append(SafetensorsEntry(renamed.get(info.name, info.name), info.dtype, info.shape, nbytes, source))
     return entries
 
 
@@ -94,6 +98,18 @@ def _exclude(config: dict, names: list[str]) -> dict:
     else:
         config["exclude_modules"] = sorted(set(current or []) | set(names))
     return config
+
+
+def _unwrapped(file: SafetensorsFile, factors: list[str]) -> dict[str, str]:
+    """The keys under a module's ``base_layer.`` (PEFT's wrapper), each to its name without
+    the wrapper: ``<module>.base_layer.weight`` → ``<module>.weight``."""
+    module = os.path.commonprefix(factors).rpartition(".")[0] + "."
+    wrapped = module + "base_layer."
+    renamed = {key: module + key[len(wrapped):] for key in file.keys() if key.startswith(wrapped)}
+    for old, new in renamed.items():
+        if new in file.tensors:
+            raise InputError(f"{file.path}: holds both {old} and {new}")
+    return renamed
 
 
 def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = "zero",
@@ -121,8 +137,8 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     Returns
     -------
     dict
-        ``parameters_total``, ``parameters_removed`` (LoRA factor entries) and the keys
-        zeroed, dropped or replaced.
+        ``parameters_total``, ``parameters_removed`` (LoRA factor entries), the keys
+        zeroed, dropped or replaced, and ``renamed`` (old key → new key, drop mode).
     """
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
@@ -132,11 +148,12 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     if unknown:
         raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
     factor_keys = {k for ks in keys.values() for k in ks["factors"]}
-    zeroed, dropped, replaced = set(), set(), {}
+    zeroed, dropped, replaced, renamed = set(), set(), {}, {}
     replacements = replacements or {}
     for name in pruned:
         if mode == "drop":
             dropped.update(keys[name]["factors"] + keys[name]["extra"])
+            renamed.update(_unwrapped(file, keys[name]["factors"]))
         elif mode == "project":
             new = [k for k in keys[name]["factors"] if k in replacements]
             if len(new) != 1:
@@ -162,7 +179,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "ddiscan.source_sha256": sha256(file.path),
         **(metadata or {}),
     })
-    entries = _entries(file, zeroed, dropped, replaced)
+    entries = _entries(file, zeroed, dropped, replaced, renamed)
     output = Path(output)
     if adapter.path.is_dir():
         _write_directory(adapter, output, entries, meta, mode, pruned, force)
@@ -174,6 +191,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "zeroed": sorted(zeroed),
         "replaced": sorted(replaced),
         "dropped": sorted(dropped),
+        "renamed": dict(sorted(renamed.items())),
     }
 
 

@@ -505,3 +505,98 @@ def test_inf_in_the_base_marks_the_module_non_finite(tmp_path):
     modules = {m["name"]: m for m in json.loads(result.stdout)["modules"]}
     assert modules["model.layers.0.self_attn.o_proj"]["finite"] is False
     assert sum(not m["finite"] for m in modules.values()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# Several reports in one directory: one file each, never one over another
+
+
+def _listing(path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_reports_of_adapters_with_the_same_name_get_distinct_files(tmp_path):
+    base, adapter = _good(tmp_path / "in")
+    x, y = tmp_path / "x" / "lora", tmp_path / "y" / "lora"
+    for target in (x, y):
+        target.parent.mkdir()
+        os.symlink(adapter, target)  # PEFT directories, both named lora
+    out = tmp_path / "out"
+    result = RUNNER.invoke(cli, ["report", str(base), str(x), str(y), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and result.stderr == f"wrote 2 reports to {out}\n"
+    assert _listing(out) == ["x-lora.json", "y-lora.json"]
+    for name, source in (("x-lora.json", x), ("y-lora.json", y)):
+        assert json.loads((out / name).read_text())["inputs"]["adapter"]["path"] == str(source)
+    # files named by their stem, their parents where the stems are the same
+    a = tmp_path / "runs" / "a.safetensors"
+    a.parent.mkdir()
+    os.symlink(adapter / "adapter_model.safetensors", a)
+    result = RUNNER.invoke(cli, ["report", str(base), str(a), str(adapter / "adapter_model.safetensors"),
+                                 "-o", str(tmp_path / "files")])
+    assert result.exit_code == 0, result.stderr
+    assert _listing(tmp_path / "files") == ["a.json", "adapter_model.json"]
+
+
+def test_reports_whose_names_collide_are_refused_before_anything_is_written(tmp_path):
+    base, adapter = _good(tmp_path / "in")
+    twin = tmp_path / "in" / "adapter.safetensors"  # a file beside the directory of the same name
+    os.symlink(adapter / "adapter_model.safetensors", twin)
+    out = tmp_path / "out"
+    result = RUNNER.invoke(cli, ["report", str(base), str(adapter), str(twin), "-o", str(out)])
+    assert_one_error_line(result, 2, str(adapter), str(twin), str(out / "adapter.json"))
+    assert not out.exists()
+
+
+def test_one_report_is_counted_in_the_singular(tmp_path):
+    base, adapter = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    result = RUNNER.invoke(cli, ["report", str(base), str(adapter), str(adapter), "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr == f"wrote 1 report to {out}\n" and _listing(out) == ["adapter.json"]
+
+
+def test_several_reports_into_an_existing_file_are_refused(tmp_path):
+    base, adapter = _good(tmp_path / "in")
+    out = tmp_path / "out"
+    out.write_text("keep")
+    result = RUNNER.invoke(cli, ["report", str(base), str(adapter), str(tmp_path / "in" / "base"), "-o", str(out)])
+    assert_one_error_line(result, 2, str(out), "not a directory")
+    assert out.read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------------------
+# Options and optional dependencies are checked before any work or write
+
+
+@pytest.mark.parametrize("command", ["report", "prune"])
+def test_plot_of_an_unknown_format_fails_before_the_scan(tmp_path, command):
+    base, adapter = _good(tmp_path / "in")
+    extra = ["--top", "1", "-o", str(tmp_path / "pruned")] if command == "prune" else []
+    result = RUNNER.invoke(cli, [command, str(base), str(adapter), *extra, "--plot", str(tmp_path / "p.gif")])
+    assert_one_error_line(result, 2, "p.gif", ".png or .svg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("command", ["report", "prune"])
+def test_plot_without_matplotlib_fails_before_anything_is_written(tmp_path, monkeypatch, command):
+    base, adapter = _good(tmp_path / "in")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    extra = ["--top", "1", "-o", str(tmp_path / "p"), "--report-out", str(tmp_path / "r.json")] \
+        if command == "prune" else ["-o", str(tmp_path / "r.json")]
+    result = RUNNER.invoke(cli, [command, str(base), str(adapter), *extra, "--plot", str(tmp_path / "p.png")])
+    assert_one_error_line(result, 2, "matplotlib", "ddiscan[plot]")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("option", ["-o", "--report-out", "--plot"])
+def test_prune_output_into_a_missing_directory_fails_before_anything_is_written(tmp_path, option):
+    base, adapter = _good(tmp_path / "in")
+    missing = tmp_path / "no" / "such" / ("p.png" if option == "--plot" else "out")
+    outputs = {"-o": tmp_path / "pruned", "--report-out": tmp_path / "r.json", "--plot": tmp_path / "p.svg"}
+    outputs[option] = missing
+    args = [a for o, p in outputs.items() for a in (o, str(p))]
+    result = RUNNER.invoke(cli, ["prune", str(base), str(adapter), "--top", "1", *args])
+    assert_one_error_line(result, 4, str(missing))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+

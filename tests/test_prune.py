@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,46 @@ def test_kohya_round_trip_changes_only_the_pruned_module(tmp_path, mode):
     rescan = ddiscan.scan(base, out)
     for m in rescan.modules:
         assert (m.ddi == 0) == (m.name == name)
+
+
+def test_top_that_selects_every_module_warns_as_theta_does(tmp_path):
+    for top in ("8", "10"):
+        result = _run("prune", BASE, ADAPTER, "--top", top, "--dry-run")
+        assert result.exit_code == 0, result.output
+        assert f"warning: top {top} by DDI selects every module; DDI ranges from" in result.stderr
+        assert "selected 8 of 8 modules" in result.stdout
+    result = _run("prune", BASE, ADAPTER, "--top", "7", "--dry-run")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+    result = _run("prune", BASE, ADAPTER, "--top", "0", "--dry-run")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+def test_drop_refuses_a_base_layer_beside_a_weight_of_the_same_module(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name in ("embed_tokens", "layers.0.q_proj"):
+        stem = f"base_model.model.model.{name}"
+        tensors[f"{stem}.lora_A.weight"] = rng.standard_normal((2, 4)).astype(np.float32)
+        tensors[f"{stem}.lora_B.weight"] = rng.standard_normal((4, 2)).astype(np.float32)
+    wrapped = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[wrapped] = tensors["base_model.model.model.embed_tokens.weight"] = np.ones((4, 4), np.float32)
+    save_file(tensors, tmp_path / "lora.safetensors")
+    adapter = ddiscan.lora.load_adapter(tmp_path / "lora.safetensors")
+    with pytest.raises(ddiscan.InputError, match="embed_tokens.base_layer.weight and .*embed_tokens.weight"):
+        ddiscan.rewrite.rewrite_adapter(adapter, ["model.embed_tokens"], tmp_path / "out.safetensors", mode="drop")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--top", "1", "--theta", "0.1", "-o", "x"], "exactly one"),
+    (["-o", "x"], "exactly one"),
+    (["--theta-norm", "0.1", "--method", "safelora", "--aligned", "a", "--unaligned", "u", "-o", "x"], "--theta-norm"),
+    (["--top", "1"], "-o/--output"),
+])
+def test_bad_selection_options_fail_before_the_scan(tmp_path, monkeypatch, args, needle):
+    monkeypatch.setattr(sys.modules["ddiscan.prune"], "scan", lambda *a, **k: pytest.fail("scanned before checking the options"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["prune", str(BASE), str(ADAPTER), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
