@@ -18,7 +18,7 @@ from .errors import DdiscanError, InputError, OutputError, UsageError
 from .io.reader import SafetensorsFile
 from .io.writer import refuse_input_as_output, write_atomic
 from .locate import find_base
-from .lora import KOHYA_PREFIXES, PEFT_PREFIX, _classify
+from .lora import adapter_kind
 from .methods import parse_components
 from .plot import check_plot, plot_report
 from .profile import DEFAULT_EXCLUDE, build_profile
@@ -293,8 +293,8 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
     line each: FILE:1: MODULE: DDI VALUE > LIMIT), 2 on usage errors, 3 on bad input.
     ADAPTER may be a PEFT directory, a .safetensors file, or an adapter_config.json (its
     directory is checked), as pre-commit passes them. A .safetensors file with no LoRA key
-    in its header outside a PEFT directory (a base, an embedding, an MLX adapter), or an
-    adapter_config.json without adapter weights beside it, is passed over with a note.
+    in its header outside a PEFT directory (a base, an embedding), an MLX-LM adapter (not read
+    yet), or an adapter_config.json without adapter weights beside it, is passed over with a note.
     """
     limits = {"ddi": (max_ddi, max_ddi_norm), "safelora": (min_cosine,), "splora": (max_ediem,)}
     if all(limit is None for limit in limits[kwargs["method"]]):
@@ -364,19 +364,12 @@ def _adapter_of(path: str) -> tuple[str | None, str | None]:
         return path, None
     if p.name == _PEFT_WEIGHTS[0] and (p.parent / "adapter_config.json").is_file():
         return str(p.parent), None
-    if not _has_lora_keys(SafetensorsFile(p).keys()):
+    kind = adapter_kind(SafetensorsFile(p).keys())
+    if kind is None:
         return None, f"{path}: not a LoRA adapter (no LoRA key in its header, not in a PEFT directory); passed over"
+    if kind == "mlx":
+        return None, f"{path}: an MLX-LM adapter (lora_a/lora_b keys), which ddiscan does not read yet; passed over"
     return path, None
-
-
-def _has_lora_keys(keys) -> bool:
-    """Whether any key is named as an adapter's: a LoRA factor or DoRA magnitude as the
-    reader classifies them, or PEFT's ``base_model.model.`` or kohya's ``lora_`` prefix."""
-    keys = list(keys)
-    if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys):
-        return True
-    pairs, _ = _classify(keys)
-    return any(pair.up or pair.down or pair.dora for pair in pairs.values())
 
 
 @cli.command()

@@ -43,7 +43,7 @@ from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
 
 __all__ = [
     "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
-    "dense_delta", "module_keys",
+    "dense_delta", "module_keys", "adapter_kind",
 ]
 
 PEFT_PREFIX = "base_model.model."
@@ -174,6 +174,8 @@ _ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_",
                ("vera_", "VeRA"))
 # "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
 _LORA_WORD = re.compile(r"(?:^|_)lora(?:_|$)", re.IGNORECASE)
+# mlx-lm's LoRALinear (mlx_lm/tuner/lora.py): <module>.lora_a (in × r), <module>.lora_b (r × out)
+_MLX_FACTORS = ("lora_a", "lora_b")
 # diffusers' attention-processor LoRA (LoRAAttnProcessor): <attn>.processor.to_q_lora.down.weight
 _PROCESSOR_FACTOR = re.compile(r"to_(q|k|v|out)_lora")
 
@@ -259,6 +261,9 @@ def _classify(keys) -> tuple[dict[str, _Pair], list[Skipped], list[Skipped]]:
         algorithm = _algorithm(parts)
         if algorithm:
             unread.append(Skipped(key, f"{algorithm} tensor (not LoRA; not supported yet)"))
+            continue
+        if parts[-1] in _MLX_FACTORS:
+            unread.append(Skipped(key, "MLX-LM LoRA tensor (not supported yet)"))
             continue
         if len(parts) >= 3 and parts[-2] in ("lora_down", "lora_up") and parts[-1] == "weight":
             pair(".".join(parts[:-2])).assign(parts[-2].removeprefix("lora_"), key, "kohya")
@@ -715,6 +720,20 @@ def dense_delta(module: LoraModule, file: SafetensorsFile) -> np.ndarray:
     """ΔW = s · up · down as a dense float64 d × k matrix (for checks and small modules)."""
     up, down = lora_factors(module, file)
     return module.scale * (up @ down)
+
+
+def adapter_kind(keys) -> str | None:
+    """What the key names alone say a file is: ``"mlx"`` for an MLX-LM adapter (its
+    ``lora_a``/``lora_b`` factors only, which ddiscan does not read yet), ``"adapter"`` when
+    any key is named as an adapter's (a LoRA factor, a DoRA magnitude, another method's
+    update tensor, PEFT's ``base_model.model.`` or kohya's ``lora_`` prefix), else None."""
+    keys = list(keys)
+    pairs, _, unread = _classify(keys)
+    if unread and all(k.key.rsplit(".", 1)[-1] in _MLX_FACTORS for k in unread) and not pairs:
+        return "mlx"
+    if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys) or unread:
+        return "adapter"
+    return "adapter" if any(p.up or p.down or p.dora for p in pairs.values()) else None
 
 
 def module_keys(file: SafetensorsFile) -> dict[str, dict[str, list[str]]]:

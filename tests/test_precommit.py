@@ -128,10 +128,11 @@ def test_files_that_are_not_adapters_pass_with_a_note(repo):
     code, output = _commit(repo, env, "add a base and an MLX adapter")
     assert code == 0, output
     assert "Passed" in output
-    for name in ("base/model-00001-of-00002.safetensors", "base/model-00002-of-00002.safetensors",
-                 "mlx/adapters.safetensors"):
+    for name in ("base/model-00001-of-00002.safetensors", "base/model-00002-of-00002.safetensors"):
         assert f"note: {name}: not a LoRA adapter (no LoRA key in its header, not in a PEFT directory); passed over" \
             in output
+    assert ("note: mlx/adapters.safetensors: an MLX-LM adapter (lora_a/lora_b keys), which ddiscan does not "
+            "read yet; passed over") in output
     assert "note: mlx/adapter_config.json: no adapter_model.safetensors beside it" in output
 
 
@@ -180,3 +181,11 @@ def test_broken_adapters_are_still_blocked(tmp_path):
         assert result.exit_code == 3, (path, result.output)
         (line,) = result.stderr.splitlines()
         assert line.startswith("Error: ") and "passed over" not in result.stderr
+
+
+def test_an_mlx_adapter_is_named_when_scored(tmp_path):
+    mlx = mlx_adapter(tmp_path / "mlx")
+    result = CliRunner().invoke(cli, ["report", str(BASE), str(mlx / "adapters.safetensors")])
+    assert result.exit_code == 3
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "MLX-LM LoRA tensor (not supported yet)" in lines[0], lines
