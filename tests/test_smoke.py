@@ -50,3 +50,15 @@ def test_the_report_records_the_threads_blas_used():
     blas = max(lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas")
     assert ddiscan.scan(BASE, ADAPTER).parameters["threads"] == blas
     assert ddiscan.scan(BASE, ADAPTER, threads=1).parameters["threads"] == 1
+
+
+def test_start_up_imports_only_what_every_command_needs():
+    """`ddiscan --version`, `--help` and every command's start pay for numpy, click and tqdm
+    only: the optional and heavy packages are imported by the code path that needs them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ddiscan.cli; heavy = [m for m in ('ml_dtypes', 'scipy', 'matplotlib', 'huggingface_hub', "
+            "'threadpoolctl', 'torch', 'cupy', 'array_api_compat', 'safetensors') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
