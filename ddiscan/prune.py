@@ -58,7 +58,7 @@ def load_report(path, adapter: Adapter) -> Report:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
     file = adapter.file.path
-    if recorded.get("size") != file.stat().st_size or recorded.get("sha256") != sha256(file):
+    if recorded.get("size") != adapter.file.size or recorded.get("sha256") != sha256(adapter.file):
         raise InputError(f"{path}: was made from a different adapter than {file} (size or sha256 differ); scan again")
     return report
 

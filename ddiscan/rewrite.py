@@ -40,20 +40,7 @@ _CHUNK = 1 << 22
 
 
 def _copy_chunks(file: SafetensorsFile, name: str):
-    info = file.tensors[name]
-
-    def chunks():
-        with open(file.path, "rb") as f:
-            f.seek(info.start)
-            left = info.end - info.start
-            while left:
-                chunk = f.read(min(_CHUNK, left))
-                if not chunk:
-                    raise InputError(f"{file.path}: ended inside tensor {name!r}")
-                left -= len(chunk)
-                yield chunk
-
-    return chunks
+    return lambda: file.chunks(name, _CHUNK)
 
 
 def _zero_chunks(nbytes: int):
@@ -176,7 +163,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "ddiscan.version": __version__,
         "ddiscan.mode": mode,
         "ddiscan.pruned": json.dumps(sorted(pruned)),
-        "ddiscan.source_sha256": sha256(file.path),
+        "ddiscan.source_sha256": sha256(file),
         **(metadata or {}),
     })
     entries = _entries(file, zeroed, dropped, replaced, renamed)
