@@ -277,9 +277,11 @@ class SafetensorsFile:
     ----------
     path : path-like
         The file. Its header is read and validated at once; no tensor data is read.
+    record : bool
+        Record the file as an input of the command (:func:`note_input`).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, record: bool = True):
         self.path = Path(path)
         check_not_pickle(self.path)
         self._file = os.fdopen(open_regular(self.path), "rb", buffering=0)
@@ -312,7 +314,8 @@ class SafetensorsFile:
         self.data_offset = 8 + header_size
         self.tensors: dict[str, TensorInfo]
         self.tensors, self.metadata = _parse_header(raw, self.path, self.data_offset, self.size - self.data_offset)
-        note_input(self.path, st, self)
+        if record:  # an input (note_input); an old output about to be replaced is not
+            note_input(self.path, st, self)
 
     def check_unchanged(self) -> None:
         """InputError unless the file is as it was opened: the descriptor held open has the
@@ -331,6 +334,10 @@ class SafetensorsFile:
         ):
             raise InputError(f"{self.path}: changed while ddiscan read it (replaced, truncated or rewritten); "
                              "run again on a file nothing writes to")
+
+    def fileno(self) -> int:
+        """The descriptor held open on the file (every read goes through it)."""
+        return self._file.fileno()
 
     def sha256(self) -> str:
         """The hex sha256 of the file, read through the descriptor held open."""
