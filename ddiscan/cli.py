@@ -431,7 +431,8 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
                    "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output (a directory only if ddiscan prune wrote it).")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
 @click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
