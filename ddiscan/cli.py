@@ -15,8 +15,8 @@ import click
 
 from ._version import __version__
 from .errors import DdiscanError, InputError, OutputError, UsageError
-from .io.reader import SafetensorsFile
-from .io.writer import refuse_input_as_output, write_atomic
+from .io.reader import SafetensorsFile, collecting_inputs, note_input
+from .io.writer import refuse_input_as_output, refuse_same_outputs, write_atomic
 from .locate import find_base
 from .lora import adapter_kind
 from .methods import parse_components
@@ -34,7 +34,8 @@ __all__ = ["cli", "main"]
 class _Group(click.Group):
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with collecting_inputs():  # every file read; no output may replace one
+                return super().invoke(ctx)
         except DdiscanError as exc:
             if os.environ.get("DDISCAN_DEBUG"):
                 raise
@@ -193,18 +194,17 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
         raise click.UsageError("--plot draws one adapter's report; give one ADAPTER")
     if several and output is not None and fmt not in (None, "json", "jsonl"):
         raise click.UsageError("with several adapters, -o takes --format json (a directory) or jsonl (one file)")
-    inputs = [p for p in (base, *adapters) if p]
+    inputs = [p for p in (base, *adapters, kwargs["aligned"], kwargs["unaligned"]) if p]
     fmt = fmt or ("json" if output else "table")
     targets = _report_files(output, list(dict.fromkeys(adapters))) if several and output and fmt == "json" else {}
+    refuse_same_outputs({"-o": None if targets else output, "--plot": plot})
     for out in (output, plot, *targets.values()):
         if out is not None:
             refuse_input_as_output(out, inputs)
     options = _scan_kwargs(kwargs)
     reports = _scan_all(base, adapters, profiles, quiet, {"progress": not quiet and sys.stderr.isatty(), **options})
     if targets:
-        _make_directory(output)
-        for target, result in zip(targets.values(), reports):
-            write_atomic(target, render(result, "json").encode("utf-8"))
+        _write_reports(output, targets.values(), reports)
         if not quiet:
             click.echo(f"wrote {_count(len(reports), 'report')} to {output}", err=True)
     else:
@@ -254,11 +254,24 @@ def _path_parts(adapter: str) -> list[str]:
     return parts
 
 
-def _make_directory(path: str) -> None:
+def _write_reports(output: str, targets, reports) -> None:
+    """One JSON report per target in the directory ``output``, created if need be (and
+    removed again if a write fails before any report is in it)."""
+    created = not os.path.lexists(output)
     try:
-        Path(path).mkdir(exist_ok=True)
+        Path(output).mkdir(exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot create the directory ({exc.strerror or exc})") from None
+        raise OutputError(f"{output}: cannot create the directory ({exc.strerror or exc})") from None
+    try:
+        for target, result in zip(targets, reports):
+            write_atomic(target, render(result, "json").encode("utf-8"))
+    except BaseException:
+        if created:
+            try:
+                os.rmdir(output)  # only if still empty: reports written before the failure stay
+            except OSError:
+                pass
+        raise
 
 
 def _titled(result, fmt: str, several: bool) -> str:
@@ -418,7 +431,8 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
                    "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
-@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output (a directory only if ddiscan prune wrote it).")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
 @click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
@@ -443,10 +457,11 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
         raise click.UsageError("give BASE and ADAPTER (or --from-report REPORT [ADAPTER])")
     if plot is not None and kwargs["method"] != "ddi":
         raise click.UsageError("--plot shows DDI; use it with --method ddi")
-    inputs = [p for p in (base, adapter, from_report) if p]
+    inputs = [p for p in (base, adapter, from_report, kwargs["aligned"], kwargs["unaligned"]) if p]
+    refuse_same_outputs({"-o": output, "--report-out": report_out, "--plot": plot})
     for out in (output, report_out, plot):
         if out is not None:
-            refuse_input_as_output(out, inputs)
+            refuse_input_as_output(out, inputs, replaces_directory=out == output and Path(adapter).is_dir())
     result = prune_adapter(
         base, adapter, output, top=top, theta=theta, theta_norm=theta_norm, mode=mode, force=force,
         dry_run=dry_run, from_report=from_report,
@@ -485,6 +500,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
 
 def _report_adapter(path: str) -> str:
     try:
+        note_input(path)
         return json.loads(Path(path).read_text(encoding="utf-8"))["inputs"]["adapter"]["path"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None

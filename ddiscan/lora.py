@@ -39,7 +39,7 @@ import numpy as np
 
 from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
 from .io.index import TensorIndex
-from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
+from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle, note_input
 
 __all__ = [
     "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
@@ -151,6 +151,7 @@ def load_adapter(path) -> Adapter:
         file_path = path
     file = SafetensorsFile(file_path)
     config_path = file_path.parent / "adapter_config.json"
+    note_input(config_path)  # an input: no output may replace it (ddiscan.io.writer.check_output)
     if config_path.exists():
         return Adapter(path, file, _read_json(config_path, "adapter_config.json"), str(config_path))
     raw = (file.metadata or {}).get("lora_adapter_metadata")

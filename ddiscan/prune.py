@@ -15,7 +15,7 @@ from .io.convert import frobenius
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import Report
 from .rewrite import rewrite_adapter
-from .io.reader import sha256
+from .io.reader import note_input, sha256
 from .scan import _alignment_update, scan
 from .select import Selection, select
 
@@ -52,13 +52,14 @@ class PruneResult:
 def load_report(path, adapter: Adapter) -> Report:
     """An earlier JSON report, checked against the adapter now on disk (size and sha256)."""
     try:
+        note_input(path)
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         report = Report.from_dict(data)
         recorded = data["inputs"]["adapter"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
     file = adapter.file.path
-    if recorded.get("size") != file.stat().st_size or recorded.get("sha256") != sha256(file):
+    if recorded.get("size") != adapter.file.size or recorded.get("sha256") != sha256(adapter.file):
         raise InputError(f"{path}: was made from a different adapter than {file} (size or sha256 differ); scan again")
     return report
 
@@ -148,4 +149,5 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
         metadata={"ddiscan.selection": json.dumps({"rule": selection.rule, "value": selection.value}),
                   "ddiscan.parameters": json.dumps(report.parameters, sort_keys=True)},
     )
+    report.warnings.extend(written["warnings"])  # entries of the adapter directory not copied
     return PruneResult(report, selection, mode, written)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -26,10 +27,10 @@ import numpy as np
 
 from ._version import __version__
 from .errors import InputError, OutputError, UsageError
-from .io.reader import SafetensorsFile, sha256, stored_as
+from .io.reader import SafetensorsFile, note_input, open_regular, sha256, stored_as
 from .io.writer import (
-    OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, default_mode, fsync_directory, remove_stale_temps, temp_prefix,
-    write_atomic, write_safetensors,
+    OLD_SUFFIX, TEMP_SUFFIX, SafetensorsEntry, _resolve, check_output, default_mode, fsync_directory,
+    remove_stale_temps, temp_prefix, write_atomic, write_safetensors,
 )
 from .lora import Adapter, module_keys
 
@@ -40,20 +41,7 @@ _CHUNK = 1 << 22
 
 
 def _copy_chunks(file: SafetensorsFile, name: str):
-    info = file.tensors[name]
-
-    def chunks():
-        with open(file.path, "rb") as f:
-            f.seek(info.start)
-            left = info.end - info.start
-            while left:
-                chunk = f.read(min(_CHUNK, left))
-                if not chunk:
-                    raise InputError(f"{file.path}: ended inside tensor {name!r}")
-                left -= len(chunk)
-                yield chunk
-
-    return chunks
+    return lambda: file.chunks(name, _CHUNK)
 
 
 def _zero_chunks(nbytes: int):
@@ -138,7 +126,8 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     -------
     dict
         ``parameters_total``, ``parameters_removed`` (LoRA factor entries), the keys
-        zeroed, dropped or replaced, and ``renamed`` (old key → new key, drop mode).
+        zeroed, dropped or replaced, ``renamed`` (old key → new key, drop mode), and
+        ``warnings``: the entries of the adapter directory not copied, and why.
     """
     if mode not in MODES:
         raise UsageError(f"--mode must be one of {', '.join(MODES)}")
@@ -176,16 +165,18 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "ddiscan.version": __version__,
         "ddiscan.mode": mode,
         "ddiscan.pruned": json.dumps(sorted(pruned)),
-        "ddiscan.source_sha256": sha256(file.path),
+        "ddiscan.source_sha256": sha256(file),
         **(metadata or {}),
     })
     entries = _entries(file, zeroed, dropped, replaced, renamed)
     output = Path(output)
+    warnings = []
     if adapter.path.is_dir():
-        _write_directory(adapter, output, entries, meta, mode, pruned, force)
+        warnings = _write_directory(adapter, output, entries, meta, mode, pruned, force)
     else:
         write_safetensors(output, entries, meta, force=force)
     return {
+        "warnings": warnings,
         "parameters_total": total,
         "parameters_removed": removed,
         "zeroed": sorted(zeroed),
@@ -195,31 +186,39 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     }
 
 
-def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned, force: bool) -> None:
-    """Build the output directory beside its final place, then rename it into place."""
+def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned, force: bool) -> list[str]:
+    """Build the output directory beside its final place, then rename it into place.
+    Returns a warning for each entry of the adapter directory that is not copied."""
+    output = Path(os.path.abspath(output))
+    check_output(output, [adapter.path], replaces_directory=True)
+    if _resolve(Path.cwd()).is_relative_to(_resolve(output)):
+        raise UsageError(f"{output}: is the current directory (or holds it); choose another output")
     if output.exists() and not force:
         raise UsageError(f"{output}: exists (use --force to replace it)")
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
-    parent = output.parent if str(output.parent) else Path(".")
+    sources, warnings = _sources(adapter)
+    names = sorted([*(item.name for item in sources), adapter.file.path.name])
+    if output.exists():
+        _check_replaceable(output, adapter.file.path.name)
+    meta = {**meta, "ddiscan.files": json.dumps(names)}
+    parent = output.parent
     remove_stale_temps(output)
     try:
         staging = Path(tempfile.mkdtemp(prefix=temp_prefix(output), suffix=TEMP_SUFFIX, dir=parent))
         os.chmod(staging, default_mode(directory=True))
     except OSError as exc:
         raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    old = None
     try:
-        for item in sorted(adapter.path.iterdir()):
-            if item.name == adapter.file.path.name or not item.is_file():
-                continue
+        for item in sources:
             if item.name == "adapter_config.json" and mode == "drop" and adapter.config is not None:
                 config = _exclude(adapter.config, pruned)
                 write_atomic(staging / item.name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
                 continue
-            shutil.copy2(item, staging / item.name)
-            with open(staging / item.name, "rb") as f:
-                os.fsync(f.fileno())
+            _copy_file(item, staging / item.name)
         write_safetensors(staging / adapter.file.path.name, entries, meta)
+        check_output(output, [adapter.path], replaces_directory=True)  # the inputs unchanged, just before
         if output.exists():
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(output), suffix=OLD_SUFFIX, dir=parent))
             os.replace(output, old / output.name)
@@ -230,6 +229,73 @@ def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned
         fsync_directory(parent)
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None and not os.path.lexists(old / output.name):
+            shutil.rmtree(old, ignore_errors=True)  # empty: the swap did not begin
         if isinstance(exc, OSError):
             raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from None
         raise
+    return warnings
+
+
+def _sources(adapter: Adapter) -> tuple[list[Path], list[str]]:
+    """The files of a PEFT directory copied beside the rewritten weights, and a warning for
+    each entry passed over: only regular files that belong to the adapter are copied: a
+    symbolic link is followed only to a regular file inside the adapter directory, and a
+    device, FIFO or socket is never opened (subdirectories are not copied, as before)."""
+    root = _resolve(adapter.path)
+    sources, warnings = [], []
+    for item in sorted(adapter.path.iterdir()):
+        if item.name == adapter.file.path.name:
+            continue
+        if item.is_symlink() and not _resolve(item).is_relative_to(root):
+            if item.name == "adapter_config.json":
+                raise InputError(f"{item}: a symbolic link out of the adapter directory; ddiscan copies only "
+                                 "the adapter's own files (copy the directory with its links resolved: cp -rL)")
+            warnings.append(f"{item}: a symbolic link out of the adapter directory; not copied")
+            continue
+        try:
+            mode = os.stat(item).st_mode
+        except OSError:
+            warnings.append(f"{item}: a dangling symbolic link; not copied")
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            warnings.append(f"{item}: not a regular file (a device, FIFO or socket); not copied")
+            continue
+        sources.append(item)
+    return sources, warnings
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy a regular file (opened as one: it cannot turn into a FIFO or device between the
+    listing and the copy) with its permissions and times, and fsync the copy."""
+    with os.fdopen(open_regular(source), "rb") as src:
+        st = os.fstat(src.fileno())
+        note_input(source, st)
+        with open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, _CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+    os.chmod(target, stat.S_IMODE(st.st_mode))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _check_replaceable(output: Path, weights: str) -> None:
+    """UsageError unless ``output`` is a directory ddiscan wrote: its weights file carries
+    ddiscan's metadata, whose ``ddiscan.files`` lists every entry the directory holds, each
+    a regular file. ``--force`` never removes anything else."""
+    def refuse(why: str):
+        raise UsageError(f"{output}: exists and {why}; --force replaces only an adapter directory ddiscan wrote "
+                         "(choose another output)")
+
+    try:
+        meta = SafetensorsFile(output / weights, record=False).metadata or {}
+        written = json.loads(meta["ddiscan.files"])
+    except (InputError, KeyError, ValueError):
+        refuse(f"is not an output of ddiscan prune (no {weights} with ddiscan's list of the files it wrote)")
+    if "ddiscan.version" not in meta or not isinstance(written, list):
+        refuse(f"is not an output of ddiscan prune (no {weights} with ddiscan's list of the files it wrote)")
+    for item in sorted(output.iterdir()):
+        if item.name not in written or item.is_symlink() or not item.is_file():
+            refuse(f"holds {item.name}, which ddiscan did not write")

@@ -382,7 +382,7 @@ def scan_many(
     with _blas_threads(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddiscan-hash") as hasher:
         # the adapters' sha256 for the reports, read once in the background: it also brings
         # their bytes into the page cache before their factors are needed
-        digests = [hasher.submit(sha256, adapter.file.path) for adapter in opened]
+        digests = [hasher.submit(sha256, adapter.file) for adapter in opened]
         keys = _reading_order(source, plan)
         loaded = _read_ahead(keys, fetch, load, enabled=read_ahead)
         for key, (factors, w0, norm) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",

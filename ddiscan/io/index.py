@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, QuantizedBase
-from .reader import SafetensorsFile, TensorInfo, check_not_pickle
+from .reader import SafetensorsFile, TensorInfo, check_not_pickle, note_input, open_regular
 
 __all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme"]
 
@@ -90,12 +90,19 @@ def quantization_scheme(config: dict) -> str | None:
     return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
 
 
+def _read_input(path: Path) -> str:
+    """The text of a JSON input, opened as a regular file only, recorded as read (note_input)."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        note_input(path, os.fstat(f.fileno()))
+        return f.read().decode("utf-8")
+
+
 def _check_unquantized(path: Path, keys) -> None:
     """QuantizedBase if the checkpoint at ``path`` holds quantized weights."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     if config.is_file():
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
+            data = json.loads(_read_input(config))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{config}: not valid JSON ({exc}); ddiscan reads its quantization_config") from None
         scheme = quantization_scheme(data) if isinstance(data, dict) else None
@@ -144,7 +151,7 @@ class TensorIndex:
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
+            data = json.loads(_read_input(index))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{index}: not a readable checkpoint index ({exc})") from None
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
@@ -188,11 +195,8 @@ class TensorIndex:
         info = self.info(name)
         if info.end > info.start:
             if hasattr(os, "posix_fadvise"):
-                fd = os.open(self.file_of(name).path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
+                fd = self.file_of(name).fileno()
+                os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
             int(array.reshape(-1).view(np.uint8)[::4096].max())
         return array
 

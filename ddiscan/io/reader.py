@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -26,7 +28,10 @@ import numpy as np
 from . import dtypes
 from ..errors import HeaderError, InputError, NotSafetensors, PickleRefused, UnsupportedDtype
 
-__all__ = ["sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle", "stored_as"]
+__all__ = [
+    "sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle", "stored_as",
+    "open_regular", "InputRecord", "note_input", "collecting_inputs", "inputs_read",
+]
 
 MAX_HEADER_SIZE = 100_000_000
 
@@ -78,22 +83,109 @@ class TensorInfo:
 
 
 def sha256(path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
+    """The hex sha256 of a file (or of an open :class:`SafetensorsFile`, read through the
+    descriptor it holds), read in 1 MiB chunks."""
+    if isinstance(path, SafetensorsFile):
+        return path.sha256()
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
 
 
-def check_not_pickle(path: Path) -> None:
-    """Refuse pickled checkpoints by name or by their first bytes."""
-    head = b""
+def open_regular(path, *, follow: bool = True) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file.
+
+    Opened with ``O_NONBLOCK`` so that a FIFO never blocks the open, then checked with
+    ``fstat`` (the file opened, not the name, so no race): a FIFO, device, socket or
+    directory is an :class:`InputError`, as is a symbolic link when ``follow`` is False.
+    The descriptor is blocking again when returned.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        pass
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        if not follow and os.path.islink(path):
+            raise InputError(f"{path}: is a symbolic link") from None
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{path}: is a directory")
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket); ddiscan reads regular files only")
+    os.set_blocking(fd, True)
+    return fd
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """A file a command read: its path and identity when it was opened; ``file`` is the
+    :class:`SafetensorsFile` that still holds it open (None for a file read whole)."""
+
+    path: Path
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    file: "SafetensorsFile | None" = None
+
+
+_COLLECTIONS: list[list[InputRecord]] = []  # one per active collecting_inputs(), shared by threads
+
+
+def note_input(path, st: os.stat_result | None = None, file: "SafetensorsFile | None" = None) -> None:
+    """Record that ``path`` (with ``os.stat`` result ``st``) was read, in every active
+    :func:`collecting_inputs`; outputs are then checked against it before they are written."""
+    if not _COLLECTIONS:
+        return
+    if st is None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+    record = InputRecord(Path(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, file)
+    for collection in _COLLECTIONS:
+        collection.append(record)
+
+
+@contextmanager
+def collecting_inputs():
+    """Collect the files read inside the ``with`` block (:func:`note_input`, every
+    :class:`SafetensorsFile` opened); yields the list. The command line runs each command
+    in one."""
+    collection: list[InputRecord] = []
+    _COLLECTIONS.append(collection)
+    try:
+        yield collection
+    finally:
+        _COLLECTIONS.remove(collection)
+
+
+def inputs_read() -> list[InputRecord]:
+    """The files read so far in the innermost active :func:`collecting_inputs` (none outside one)."""
+    return list(_COLLECTIONS[-1]) if _COLLECTIONS else []
+
+
+def check_not_pickle(path: Path) -> None:
+    """Refuse pickled checkpoints by name or by their first bytes (a file that is not a
+    regular file is refused by name only: it is never opened, so a FIFO cannot hang)."""
+    head = b""
+    if path.suffix not in _PICKLE_SUFFIXES:
+        try:
+            fd = open_regular(path)
+        except InputError:
+            fd = None
+        if fd is not None:
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(9)
     # a safetensors header of 640, 896, 1152, 1408 or 19280 bytes makes the 8-byte length
     # prefix start with a pickle/zip magic; the '{' that opens its JSON tells them apart
     looks_safetensors = head[8:9] == b"{"
@@ -185,44 +277,88 @@ class SafetensorsFile:
     ----------
     path : path-like
         The file. Its header is read and validated at once; no tensor data is read.
+    record : bool
+        Record the file as an input of the command (:func:`note_input`).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, record: bool = True):
         self.path = Path(path)
+        check_not_pickle(self.path)
+        self._file = os.fdopen(open_regular(self.path), "rb", buffering=0)
+        st = os.fstat(self._file.fileno())
+        self.size = st.st_size
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         try:
-            self.size = os.stat(self.path).st_size
-            if not self.path.is_file():
-                raise InputError(f"{self.path}: not a regular file")
-            check_not_pickle(self.path)
-            with open(self.path, "rb") as f:
-                prefix = f.read(8)
-                if len(prefix) < 8:
-                    raise NotSafetensors(f"{self.path}: not a safetensors file (only {len(prefix)} bytes)")
-                (header_size,) = struct.unpack("<Q", prefix)
-                if header_size > MAX_HEADER_SIZE:
-                    raise NotSafetensors(
-                        f"{self.path}: not a safetensors file (header length {header_size} "
-                        f"exceeds the format's limit of {MAX_HEADER_SIZE} bytes)"
-                    )
-                if 8 + header_size > self.size:
-                    raise NotSafetensors(
-                        f"{self.path}: not a safetensors file or truncated (header length "
-                        f"{header_size} exceeds the file size {self.size})"
-                    )
-                raw = f.read(header_size)
-        except FileNotFoundError:
-            raise InputError(f"{self.path}: no such file") from None
-        except PermissionError:
-            raise InputError(f"{self.path}: permission denied") from None
-        except IsADirectoryError:
-            raise InputError(f"{self.path}: is a directory") from None
+            prefix = os.pread(self._file.fileno(), 8, 0)
+            if len(prefix) < 8:
+                raise NotSafetensors(f"{self.path}: not a safetensors file (only {len(prefix)} bytes)")
+            (header_size,) = struct.unpack("<Q", prefix)
+            # the length is not echoed: for a file that is no safetensors file, those are its
+            # first 8 bytes (of a secret, perhaps)
+            if header_size > MAX_HEADER_SIZE:
+                raise NotSafetensors(
+                    f"{self.path}: not a safetensors file (its header length exceeds the format's limit of "
+                    f"{MAX_HEADER_SIZE} bytes)"
+                )
+            if 8 + header_size > self.size:
+                raise NotSafetensors(
+                    f"{self.path}: not a safetensors file or truncated (its header length exceeds the file size)"
+                )
+            raw = os.pread(self._file.fileno(), header_size, 8)
         except OSError as exc:
             raise InputError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+        if len(raw) != header_size:
+            raise InputError(f"{self.path}: changed while ddiscan read it (shorter than when opened)")
         if not raw.lstrip().startswith(b"{"):
             raise NotSafetensors(f"{self.path}: not a safetensors file (header does not start with '{{')")
         self.data_offset = 8 + header_size
         self.tensors: dict[str, TensorInfo]
         self.tensors, self.metadata = _parse_header(raw, self.path, self.data_offset, self.size - self.data_offset)
+        if record:  # an input (note_input); an old output about to be replaced is not
+            note_input(self.path, st, self)
+
+    def check_unchanged(self) -> None:
+        """InputError unless the file is as it was opened: the descriptor held open has the
+        same size and modification time, and the path still names that file (not one renamed
+        over it). Called before each tensor is mapped or read, so that nothing is mapped past
+        the file's end (a read there would be a SIGBUS, which Python cannot catch), and before
+        an output is written."""
+        try:
+            st = os.fstat(self._file.fileno())
+            now = os.stat(self.path)
+        except (OSError, ValueError):
+            now = st = None
+        if (
+            st is None or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity
+            or (now.st_dev, now.st_ino) != self._identity[:2]
+        ):
+            raise InputError(f"{self.path}: changed while ddiscan read it (replaced, truncated or rewritten); "
+                             "run again on a file nothing writes to")
+
+    def fileno(self) -> int:
+        """The descriptor held open on the file (every read goes through it)."""
+        return self._file.fileno()
+
+    def sha256(self) -> str:
+        """The hex sha256 of the file, read through the descriptor held open."""
+        self.check_unchanged()
+        digest = hashlib.sha256()
+        for start in range(0, self.size, 1 << 20):
+            digest.update(self._pread(start, min(1 << 20, self.size - start)))
+        return digest.hexdigest()
+
+    def _pread(self, start: int, length: int) -> bytes:
+        data = os.pread(self._file.fileno(), length, start)
+        if len(data) != length:
+            raise InputError(f"{self.path}: changed while ddiscan read it (ended inside its data)")
+        return data
+
+    def chunks(self, name: str, size: int = 1 << 22):
+        """The stored bytes of tensor ``name`` in chunks of at most ``size`` bytes."""
+        info = self.tensors[name]
+        self.check_unchanged()
+        for start in range(info.start, info.end, size):
+            yield self._pread(start, min(size, info.end - start))
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({str(self.path)!r}, {len(self.tensors)} tensors)"
@@ -246,15 +382,14 @@ class SafetensorsFile:
         dtype = NUMPY_DTYPES[info.dtype]
         if info.numel == 0:
             return np.empty(info.shape, dtype)
+        self.check_unchanged()  # the file still covers the tensor: mapping it cannot fault
         try:
-            flat = np.memmap(self.path, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
-        except OSError as exc:
-            raise InputError(f"{self.path}: cannot map tensor {name!r} ({exc.strerror or exc})") from None
+            flat = np.memmap(self._file, dtype=dtype, mode="r", offset=info.start, shape=(info.numel,))
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{self.path}: cannot map tensor {name!r} ({getattr(exc, 'strerror', None) or exc})") from None
+        self.check_unchanged()
         return flat.reshape(info.shape)
 
     def raw_bytes(self, name: str) -> bytes:
         """The stored bytes of tensor ``name``, exactly as in the file."""
-        info = self.tensors[name]
-        with open(self.path, "rb") as f:
-            f.seek(info.start)
-            return f.read(info.end - info.start)
+        return b"".join(self.chunks(name))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from .reader import inputs_read
 
 __all__ = [
     "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
-    "write_safetensors", "temp_prefix", "remove_stale_temps", "fsync_directory",
+    "write_safetensors", "temp_prefix", "remove_stale_temps", "fsync_directory", "refuse_special_output",
+    "refuse_same_outputs", "check_output",
 ]
 
 
@@ -104,13 +107,58 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_input_as_output(output, inputs) -> None:
-    """UsageError when ``output`` is one of ``inputs`` or lies inside an input directory."""
+def refuse_input_as_output(output, inputs, *, replaces_directory: bool = False) -> None:
+    """UsageError when ``output`` is one of ``inputs`` (by resolved path or by inode), lies
+    inside an input directory, or is a special file (:func:`refuse_special_output`); with
+    ``replaces_directory`` (an output directory replaced whole), also when an input lies
+    inside ``output``."""
     out = Path(output)
+    refuse_special_output(out)
     for given in inputs:
         path = Path(given)
-        if _same(out, path) or (path.is_dir() and _resolve(out).is_relative_to(_resolve(path))):
+        if (
+            _same(out, path) or (path.is_dir() and _resolve(out).is_relative_to(_resolve(path)))
+            or (replaces_directory and _resolve(path).is_relative_to(_resolve(out)))
+        ):
             raise UsageError(f"{output}: the output path is an input ({given}); choose another")
+
+
+def refuse_special_output(output) -> None:
+    """UsageError when ``output`` exists (through a symbolic link too) and is neither a
+    regular file nor a directory: a device, FIFO or socket is never replaced or opened."""
+    try:
+        mode = os.stat(output).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UsageError(f"{output}: is a device, FIFO or socket, not a regular file; ddiscan writes regular files only")
+
+
+def refuse_same_outputs(outputs: dict) -> None:
+    """UsageError when two of ``outputs`` (option → path or None) are the same file."""
+    given = [(option, path) for option, path in outputs.items() if path is not None]
+    for i, (option, path) in enumerate(given):
+        for other, other_path in given[:i]:
+            if _same(Path(path), Path(other_path)):
+                raise UsageError(f"{path}: given as both {other} and {option}; each output needs its own path")
+
+
+def check_output(output, extra_inputs=(), *, replaces_directory: bool = False) -> None:
+    """Before ``output`` is written: refuse it when it is a special file or any file read
+    so far (:func:`~ddiscan.io.reader.inputs_read`: shards, configs, profiles, reports...,
+    plus ``extra_inputs``), and make sure every input still held open is unchanged."""
+    records = inputs_read()
+    refuse_input_as_output(output, [*(r.path for r in records), *extra_inputs],
+                           replaces_directory=replaces_directory)
+    try:
+        st = os.stat(output)
+    except OSError:
+        st = None
+    for record in records:
+        if st is not None and (st.st_dev, st.st_ino) == (record.dev, record.ino):
+            raise UsageError(f"{output}: the output path is an input ({record.path}); choose another")
+        if record.file is not None:
+            record.file.check_unchanged()
 
 
 def write_atomic(path, data: bytes, *, force: bool = True) -> None:
@@ -128,8 +176,11 @@ def write_atomic_stream(path, fill, *, force: bool = True) -> None:
     first (:func:`remove_stale_temps`).
     """
     path = Path(path)
+    check_output(path)
     if not force and path.exists():
         raise UsageError(f"{path}: exists (use --force to replace it)")
+    if path.is_dir():
+        raise OutputError(f"{path}: cannot write (is a directory)")
     directory = path.parent if str(path.parent) else Path(".")
     remove_stale_temps(path)
     try:
