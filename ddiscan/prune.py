@@ -12,6 +12,7 @@ from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
 from . import methods
 from .io.convert import frobenius
+from .io.jsonfile import read_json
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import Report
 from .rewrite import rewrite_adapter
@@ -52,7 +53,7 @@ class PruneResult:
 def load_report(path, adapter: Adapter) -> Report:
     """An earlier JSON report, checked against the adapter now on disk (size and sha256)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path, "a ddiscan JSON report")
         report = Report.from_dict(data)
         recorded = data["inputs"]["adapter"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:

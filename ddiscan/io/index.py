@@ -21,13 +21,13 @@ compressed-tensors ``weight_packed``) in place of ``.weight``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, QuantizedBase
+from .jsonfile import read_json
 from .reader import SafetensorsFile, TensorInfo, check_not_pickle
 
 __all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme"]
@@ -93,11 +93,8 @@ def quantization_scheme(config: dict) -> str | None:
 def _check_unquantized(path: Path, keys) -> None:
     """QuantizedBase if the checkpoint at ``path`` holds quantized weights."""
     config = (path if path.is_dir() else path.parent) / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{config}: not valid JSON ({exc}); ddiscan reads its quantization_config") from None
+    if config.exists():
+        data = read_json(config, "the model config, for its quantization_config")
         scheme = quantization_scheme(data) if isinstance(data, dict) else None
         if scheme is not None:
             raise QuantizedBase(
@@ -143,10 +140,7 @@ class TensorIndex:
 
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{index}: not a readable checkpoint index ({exc})") from None
+        data = read_json(index, "a checkpoint index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise InputError(f"{index}: checkpoint index has no valid 'weight_map'")

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import dtypes
+from .jsonfile import parse_json
 from ..errors import HeaderError, InputError, NotSafetensors, PickleRefused, UnsupportedDtype
 
 __all__ = ["sha256", "TensorInfo", "SafetensorsFile", "MAX_HEADER_SIZE", "check_not_pickle", "stored_as"]
@@ -119,7 +120,7 @@ def _no_duplicates(pairs):
 def _parse_header(raw: bytes, path: Path, data_offset: int, data_size: int):
     """Tensors (offsets made absolute by ``data_offset``) and metadata of a header."""
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = parse_json(raw, "header", path, object_pairs_hook=_no_duplicates, error=NotSafetensors)
     except HeaderError as exc:
         raise HeaderError(f"{path}: header has a {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
