@@ -15,7 +15,8 @@ import click
 
 from ._version import __version__
 from .errors import DdiscanError, InputError, OutputError, UsageError
-from .io.reader import SafetensorsFile, collecting_inputs, note_input
+from .io.jsonfile import read_json
+from .io.reader import SafetensorsFile, collecting_inputs
 from .io.writer import refuse_input_as_output, refuse_same_outputs, write_atomic
 from .locate import find_base
 from .lora import adapter_kind
@@ -500,8 +501,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
 
 def _report_adapter(path: str) -> str:
     try:
-        note_input(path)
-        return json.loads(Path(path).read_text(encoding="utf-8"))["inputs"]["adapter"]["path"]
+        return read_json(path, "a ddiscan JSON report")["inputs"]["adapter"]["path"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
 

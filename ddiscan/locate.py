@@ -6,7 +6,7 @@ When the base is not given, the adapter names it: ``base_model_name_or_path`` in
 ``revision`` (PEFT writes the one the base was loaded at; null for the default branch).
 That name is looked for, in this order:
 
-1. **a local path**: as given if absolute, else relative to the current directory, then
+1. **a local path**: as given if absolute (never ``~`` or ``$VAR`` expanded), else relative to the current directory, then
    relative to the adapter's directory (a PEFT directory itself; a file's parent);
 2. **the Hugging Face hub cache**: ``HF_HUB_CACHE``, else the legacy
    ``HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
@@ -168,7 +168,29 @@ def _profile_dirs(profiles, env) -> list[tuple[Path, str]]:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    return " ".join(_shown(text).split())
+
+
+def _shown(text) -> str:
+    """``text`` with control characters escaped (as repr writes them), for a message."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def _untrusted_problem(path: Path) -> str | None:
+    """Like :func:`_checkpoint_problem` for a path named by the adapter's config, which a
+    stranger may have written: the reason is in general words, never a listing of the
+    directory or text derived from the file's bytes (``/etc``, ``/etc/passwd``)."""
+    if not (path.is_dir() or path.is_file()):
+        return "not a regular file or directory"
+    if path.is_dir() and not (any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))):
+        return "no .safetensors weights"
+    try:
+        TensorIndex(path)
+    except InputError as exc:
+        return (type(exc).__doc__ or "unreadable").strip().splitlines()[0].rstrip(".").lower()
+    except OSError:
+        return "unreadable"
+    return None
 
 
 def _checkpoint_problem(path: Path) -> str | None:
@@ -191,8 +213,10 @@ def _checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def _local_candidates(name: str, adapter_path: Path, cwd: Path, env) -> list[Path]:
-    given = Path(_expand(name, env))
+def _local_candidates(name: str, adapter_path: Path, cwd: Path) -> list[Path]:
+    """Where the config's name is tried as a path: as given (never ``~`` or ``$VAR``
+    expanded: the name is the config's, not the user's), from ``cwd``, then the adapter's directory."""
+    given = Path(name)
     if given.is_absolute():
         return [given]
     adapter_dir = adapter_path if adapter_path.is_dir() else adapter_path.parent
@@ -321,15 +345,15 @@ def find_base(adapter_path, *, profiles=None, env=None, cwd=None) -> Located:
     looked: list[str] = []
 
     # 1. a local path
-    for candidate in _local_candidates(name, adapter_path, cwd, env):
+    for candidate in _local_candidates(name, adapter_path, cwd):
         if not candidate.exists():
-            looked.append(str(candidate))
+            looked.append(_shown(candidate))
             continue
-        problem = _checkpoint_problem(candidate)
+        problem = _untrusted_problem(candidate)
         if problem is None:
-            return Located(candidate, "path", name, f"local path {candidate}", tuple(warnings))
-        looked.append(f"{candidate} ({problem})")
-        warnings.append(f"{candidate} exists but is not a usable base: {problem}")
+            return Located(candidate, "path", name, f"local path {_shown(candidate)}", tuple(warnings))
+        looked.append(f"{_shown(candidate)} ({problem})")
+        warnings.append(f"{_shown(candidate)} exists but is not a usable base: {problem}")
 
     # 2. the Hugging Face hub cache
     cache, setting = hub_cache_dir(env)

@@ -29,7 +29,6 @@ and ΔW = s · up · down has the shape (d, k) of the base weight as scored (aft
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
+from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch, UnsupportedDtype
 from .io.index import TensorIndex
-from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle, note_input
+from .io.jsonfile import parse_json, read_json
+from .io.reader import FLOAT_DTYPES, SafetensorsFile, check_not_pickle
 
 __all__ = [
     "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
@@ -121,14 +121,70 @@ class LoraModule:
 # Loading the adapter
 
 
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: {what} is not a JSON object")
-    return data
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _number(value) -> bool:
+    """An int or float, not a bool; NaN/Inf included (their modules are reported non-finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _str_or_strs(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _bools(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, bool) for v in value)
+
+
+def _patterns(check):
+    return _optional(lambda value: isinstance(value, dict) and all(check(v) for v in value.values()))
+
+
+# The adapter_config.json fields ddiscan reads: each check, and what it says the field must be
+# (revision is checked where the base is looked for, ddiscan.locate).
+CONFIG_SCHEMA = {
+    "r": (_positive_int, "a positive integer"),
+    "init_r": (_positive_int, "a positive integer"),
+    "lora_alpha": (_number, "a number"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (_patterns(lambda v: _positive_int(v) or _bools(v)),
+                     "an object of positive integers (AdaLoRA: of lists of true/false)"),
+    "alpha_pattern": (_patterns(_number), "an object of numbers"),
+    "target_modules": (_optional(_str_or_strs), "a string or a list of strings"),
+    "exclude_modules": (_optional(_str_or_strs), "a string or a list of strings"),
+    "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string"),
+    "peft_type": (_optional(lambda v: isinstance(v, str)), "a string"),
+}
+
+
+def _checked_config(config, source: str) -> dict:
+    """``config`` if it is an object whose fields ddiscan reads have the types and ranges
+    :data:`CONFIG_SCHEMA` gives (diffusers' per-component ``unet.r`` … too); else InputError
+    naming the field. Another method's config (peft_type OFT …) is refused by name later."""
+    if not isinstance(config, dict):
+        raise InputError(f"{source}: is not a JSON object")
+    if isinstance(config.get("peft_type"), str) and config["peft_type"].upper() not in _LORA_PEFT_TYPES:
+        return config
+    for key, value in config.items():
+        field = key.rsplit(".", 1)[-1]
+        if field in CONFIG_SCHEMA:
+            check, expected = CONFIG_SCHEMA[field]
+            if not check(value):
+                shown = repr(value)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise InputError(f"{source}: {key!r} must be {expected}, not {shown}")
+    return config
+
+
+def _read_config(path: Path) -> dict:
+    return _checked_config(read_json(path, "adapter_config.json", non_finite=True), str(path))
 
 
 def load_adapter(path) -> Adapter:
@@ -151,18 +207,13 @@ def load_adapter(path) -> Adapter:
         file_path = path
     file = SafetensorsFile(file_path)
     config_path = file_path.parent / "adapter_config.json"
-    note_input(config_path)  # an input: no output may replace it (ddiscan.io.writer.check_output)
     if config_path.exists():
-        return Adapter(path, file, _read_json(config_path, "adapter_config.json"), str(config_path))
+        return Adapter(path, file, _read_config(config_path), str(config_path))
     raw = (file.metadata or {}).get("lora_adapter_metadata")
     if raw is not None:
-        try:
-            config = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{file_path}: __metadata__['lora_adapter_metadata'] is not valid JSON ({exc})") from None
-        if not isinstance(config, dict):
-            raise InputError(f"{file_path}: __metadata__['lora_adapter_metadata'] is not a JSON object")
-        return Adapter(path, file, config, "__metadata__['lora_adapter_metadata']")
+        source = "__metadata__['lora_adapter_metadata']"
+        config = _checked_config(parse_json(raw, f"the diffusers {source}", file_path, non_finite=True), f"{file_path}: {source}")
+        return Adapter(path, file, config, source)
     return Adapter(path, file, None, None)
 
 
@@ -443,6 +494,14 @@ def _factor_shapes(pair: _Pair, file: SafetensorsFile) -> tuple[int, int, int, s
     raise ShapeMismatch(f"{where}: LoRA factors must both be 2-D (or both 4-D convolution kernels)")
 
 
+def _check_float_factors(pair: _Pair, file: SafetensorsFile) -> None:
+    """LoRA factors are floats: an integer or boolean factor is not an update ddiscan can score."""
+    for key in (pair.down, pair.up, pair.singular, pair.bias):
+        if key is not None and file.tensors[key].dtype not in FLOAT_DTYPES:
+            raise UnsupportedDtype(f"{file.path}: {key} has dtype {file.tensors[key].dtype}; LoRA factors must be "
+                                   f"floating point ({', '.join(sorted(FLOAT_DTYPES))})")
+
+
 def _check_singular(pair: _Pair, file: SafetensorsFile, r: int) -> None:
     """AdaLoRA's lora_E holds one value per rank: r × 1."""
     if pair.singular is None:
@@ -530,6 +589,7 @@ def match_modules(
     found: list[tuple[_Pair, str, int, int, int, str, bool, bool]] = []
     unmatched: list[str] = []
     for pair in sorted(pairs.values(), key=lambda p: p.name):
+        _check_float_factors(pair, file)
         shapes = _factor_shapes(pair, file)
         if pair.singular is not None and shapes[2] == 0:  # AdaLoRA's budget pruned every rank: ΔW = 0
             skipped.extend(Skipped(key, "AdaLoRA module with every rank pruned (ΔW = 0)")

@@ -31,6 +31,7 @@ from ._version import __version__
 from .errors import InputError, UsageError
 from .io.convert import widen
 from .io.index import TensorIndex
+from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, write_safetensors
 
@@ -55,7 +56,7 @@ class Profile:
         self.file = SafetensorsFile(self.path)
         raw = (self.file.metadata or {}).get(META_KEY)
         try:
-            self.meta = json.loads(raw)
+            self.meta = parse_json(raw, f"the {META_KEY!r} metadata of a base profile", self.path)
             self.weights = self.meta["weights"]
             self.max_t = int(self.meta["max_t"])
         except (TypeError, ValueError, KeyError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -12,10 +11,11 @@ from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
 from . import methods
 from .io.convert import frobenius
+from .io.jsonfile import read_json
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import Report
 from .rewrite import rewrite_adapter
-from .io.reader import note_input, sha256
+from .io.reader import sha256
 from .scan import _alignment_update, scan
 from .select import Selection, select
 
@@ -52,8 +52,7 @@ class PruneResult:
 def load_report(path, adapter: Adapter) -> Report:
     """An earlier JSON report, checked against the adapter now on disk (size and sha256)."""
     try:
-        note_input(path)
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path, "a ddiscan JSON report")
         report = Report.from_dict(data)
         recorded = data["inputs"]["adapter"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:

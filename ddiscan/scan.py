@@ -67,7 +67,7 @@ def score_module(module: LoraModule, up, down, basis, base_norm: float, *, t: in
     if not _finite_inputs(module, up, down, base_norm, xp):
         return ModuleScore(**fields, finite=False)
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
-    delta_norm = math.sqrt(spectrum.energy)
+    delta_norm = _finite_norm(module, spectrum)
     sharp = spectral.sharpness(spectrum)
     dev = spectral.deviation(basis(), up, spectrum, module.scale, xp=xp)
     mag = spectral.magnitude(delta_norm, base_norm)
@@ -90,7 +90,7 @@ def score_alignment(module: LoraModule, up, down, diff, diff_norm: float, *, t: 
     if not _finite_inputs(module, up, down, diff_norm, xp):
         return ModuleScore(**fields, finite=False)
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
-    common = dict(sharpness=spectral.sharpness(spectrum), delta_norm=math.sqrt(spectrum.energy))
+    common = dict(sharpness=spectral.sharpness(spectrum), delta_norm=_finite_norm(module, spectrum))
     if method == "safelora":
         cosine = methods.safelora_score(diff, up, down, module.scale, diff_norm=diff_norm, xp=xp).cosine
         return ModuleScore(**fields, finite=math.isfinite(cosine), cosine=cosine, **common)
@@ -106,6 +106,15 @@ def _fields(module: LoraModule, t: int) -> dict:
         scale=module.scale if math.isfinite(module.scale) else None,  # a NaN/Inf .alpha or lora_alpha
         scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
     )
+
+
+def _finite_norm(module: LoraModule, spectrum) -> float:
+    """‖ΔW‖_F, or InputError when finite factors and scale make an update beyond float64."""
+    norm = spectrum.norm
+    if not math.isfinite(norm):
+        raise InputError(f"{module.name}: ‖ΔW‖_F = ‖s · B · A‖_F exceeds the float64 range "
+                         f"(scale {module.scale:g}); the factors or the scaling are corrupt")
+    return norm
 
 
 def _finite_inputs(module: LoraModule, up, down, norm: float, xp) -> bool:

@@ -16,6 +16,7 @@ References
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,22 +42,58 @@ EPS = 1e-6
 class Spectrum:
     """What scoring needs from the factors of one update.
 
+    The factors are scaled by powers of two (exactly) before any product, so that no
+    square overflows: ΔW = factor · Û · V̂ with Û = up / up_factor, V̂ = down / down_factor.
+
     Attributes
     ----------
-    sigma : array, shape (r,)
-        Singular values of ΔW, descending.
+    unit : array, shape (r,)
+        Singular values of Û · V̂, descending (σ(ΔW) = factor · unit).
     r_down : array, shape (r, r)
-        R factor of the thin QR of Vᵀ; ‖X · V‖_F = ‖X · R_downᵀ‖_F for any X.
-    energy : float
-        ‖ΔW‖_F² = Σ σᵢ².
-    top : float
-        σ₁² (0 when r = 0).
+        R factor of the thin QR of V̂ᵀ; ‖X · V̂‖_F = ‖X · R_downᵀ‖_F for any X.
+    factor : float
+        |s| · up_factor · down_factor.
+    up_factor : float
+        The power of two ``up`` is divided by.
+    unit_energy, unit_top : float
+        Σ unitᵢ² and unit₁² (0 when r = 0).
     """
 
-    sigma: object
+    unit: object
     r_down: object
-    energy: float
-    top: float
+    factor: float
+    up_factor: float
+    unit_energy: float
+    unit_top: float
+
+    @property
+    def sigma(self):
+        """Singular values of ΔW (inf where beyond the float64 range)."""
+        return self.unit * self.factor
+
+    @property
+    def norm(self) -> float:
+        """‖ΔW‖_F, computed without squaring ΔW's values (inf only if ‖ΔW‖_F itself is)."""
+        return math.sqrt(self.unit_energy) * self.factor
+
+    @property
+    def energy(self) -> float:
+        """‖ΔW‖_F² (inf beyond the float64 range)."""
+        return self.norm * self.norm
+
+    def ratio(self, part: float) -> float:
+        """(factor² · part) / (‖ΔW‖_F² + EPS), without forming factor²; 0 for ΔW = 0."""
+        if self.factor == 0:
+            return 0.0
+        return part / (self.unit_energy + EPS / self.factor / self.factor)
+
+
+def _power_of_two(block, *, xp) -> float:
+    """A power of two near max |block| (1 for a zero or non-finite block): dividing by it is exact."""
+    peak = float(xp.max(xp.abs(block))) if block.shape[0] and block.shape[-1] else 0.0
+    if peak == 0 or not np.isfinite(peak):
+        return 1.0
+    return math.ldexp(1.0, min(1000, max(-1000, math.frexp(peak)[1])))
 
 
 def update_spectrum(up, down, scale: float, *, xp) -> Spectrum:
@@ -66,7 +103,8 @@ def update_spectrum(up, down, scale: float, *, xp) -> Spectrum:
     The R factors come from the Cholesky factors of the float64 Gram matrices UᵀU and
     VVᵀ (the R of a thin QR, up to signs, at a fraction of Householder QR's cost on
     tall-skinny factors), and from Householder QR when a Gram matrix is singular
-    (rank-deficient factors).
+    (rank-deficient factors). Each factor is first divided by a power of two near its
+    largest value, so finite factors of any size give finite Gram matrices.
 
     Parameters
     ----------
@@ -79,13 +117,13 @@ def update_spectrum(up, down, scale: float, *, xp) -> Spectrum:
     -----
     Cost O((d + k) r²).
     """
-    r_up = _r_factor(up, xp=xp)
-    r_down = _r_factor(xp.linalg.matrix_transpose(down), xp=xp)
+    up_factor, down_factor = _power_of_two(up, xp=xp), _power_of_two(down, xp=xp)
+    r_up = _r_factor(up * (1.0 / up_factor), xp=xp)
+    r_down = _r_factor(xp.linalg.matrix_transpose(down * (1.0 / down_factor)), xp=xp)
     core = r_up @ xp.linalg.matrix_transpose(r_down)
-    sigma = xp.linalg.svdvals(core) * abs(scale)
-    energy = float(xp.sum(sigma * sigma))
-    top = float(sigma[0]) ** 2 if sigma.shape[0] else 0.0
-    return Spectrum(sigma=sigma, r_down=r_down, energy=energy, top=top)
+    unit = xp.linalg.svdvals(core)
+    return Spectrum(unit=unit, r_down=r_down, factor=abs(scale) * up_factor * down_factor, up_factor=up_factor,
+                    unit_energy=float(xp.sum(unit * unit)), unit_top=float(unit[0]) ** 2 if unit.shape[0] else 0.0)
 
 
 def _r_factor(block, *, xp):
@@ -107,14 +145,15 @@ def _cholesky_upper(gram, *, xp):
 
 def sharpness(spectrum: Spectrum) -> float:
     """S = σ₁² / (Σ σᵢ² + ε), in [0, 1]; 0 for ΔW = 0 (SPEC.md §2, Eq. 2)."""
-    return spectrum.top / (spectrum.energy + EPS)
+    return spectrum.ratio(spectrum.unit_top)
 
 
 def deviation(basis, up, spectrum: Spectrum, scale: float, *, xp) -> float:
     """O = 1 − ‖Q_tᵀ ΔW‖_F² / (‖ΔW‖_F² + ε), clamped to [0, 1] (SPEC.md §2, Eq. 3).
 
     ‖Q_tᵀ ΔW‖_F = |s| · ‖(Q_tᵀ U) V‖_F = |s| · ‖(Q_tᵀ U) R_Vᵀ‖_F, so the cost is
-    O(d t r + t r²) and ΔW is never formed.
+    O(d t r + t r²) and ΔW is never formed; U and V as scaled in ``spectrum``, so no
+    square overflows (``scale`` is in ``spectrum.factor``).
 
     Parameters
     ----------
@@ -125,10 +164,9 @@ def deviation(basis, up, spectrum: Spectrum, scale: float, *, xp) -> float:
         From :func:`update_spectrum` of the same update.
     scale : float
     """
-    projected = xp.linalg.matrix_transpose(xp.astype(basis, up.dtype)) @ up
+    projected = xp.linalg.matrix_transpose(xp.astype(basis, up.dtype)) @ (up * (1.0 / spectrum.up_factor))
     captured = projected @ xp.linalg.matrix_transpose(spectrum.r_down)
-    inside = scale**2 * float(xp.sum(captured * captured))
-    value = 1.0 - inside / (spectrum.energy + EPS)
+    value = 1.0 - spectrum.ratio(float(xp.sum(captured * captured)))
     return min(1.0, max(0.0, value))
 
 

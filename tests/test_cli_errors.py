@@ -304,7 +304,7 @@ CASES = {
     "peft rank zero": _adapter_case(
         lambda: {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((0, HIDDEN), np.float32),
                  "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((HIDDEN, 0), np.float32)},
-        config=peft_config(0, 8), needles=["model.layers.0.self_attn.q_proj"]),
+        config=peft_config(8, 8), needles=["model.layers.0.self_attn.q_proj"]),
     "kohya rank zero": _kohya_rank_zero,
 }
 

@@ -242,3 +242,85 @@ def test_fuzz_cli(workdir, record_property, monkeypatch):
     print(f"\nfuzz: {total} examples through the CLI: exit codes {dict(counts)}")
     record_property("fuzz_cli_examples", total)
     assert total >= CLI_EXAMPLES and set(counts) == {0, 3}
+
+
+# ---------------------------------------------------------------------------------------
+# JSON inputs: adapter_config.json, a checkpoint index and a profile's metadata drawn as
+# arbitrary JSON-ish text (valid values of any type, bombs, mutated valid files)
+
+JSON_EXAMPLES = max(40, EXAMPLES // 25)
+JSON_VALUES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12)
+CONFIG_FIELDS = ["r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules",
+                 "exclude_modules", "fan_in_fan_out", "base_model_name_or_path", "revision", "peft_type", "init_r"]
+BOMBS = st.sampled_from(["[" * 100_000, '{"a": ' + "[" * 200 + "]" * 200 + "}", "7" * 5000, "NaN", "-Infinity",
+                         "1e999", "", "{", '"\\ud800"', "\x00", '{"a": 1, "a": 2}'])
+
+
+@st.composite
+def json_text(draw, valid: dict) -> str:
+    kind = draw(st.sampled_from(["field", "value", "bomb", "mutate"]))
+    if kind == "field":
+        data = dict(valid)
+        data[draw(st.sampled_from(sorted(set(CONFIG_FIELDS) | set(valid))))] = draw(JSON_VALUES)
+        return json.dumps(data)
+    if kind == "value":
+        return json.dumps(draw(JSON_VALUES))
+    if kind == "bomb":
+        return draw(BOMBS)
+    text = json.dumps(valid)
+    pos = draw(st.integers(0, len(text)))
+    return text[:pos] + draw(st.sampled_from(["[", "]", "{", "}", '"', ",", "NaN", "9" * 40, ""])) + text[pos + 1:]
+
+
+def test_fuzz_json_inputs(tmp_path, record_property, monkeypatch):
+    import shutil
+
+    import safetensors.numpy
+
+    monkeypatch.delenv("DDISCAN_DEBUG", raising=False)
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(fixtures / "tiny-llama", base)
+    shutil.copytree(fixtures / "tiny-lora", adapter)
+    profile = tmp_path / "base.ddiprofile"
+    assert RUNNER.invoke(cli, ["profile", str(base), "-o", str(profile)]).exit_code == 0
+    originals = {p: p.read_bytes() for p in (adapter / "adapter_config.json", base / "model.safetensors.index.json",
+                                            profile)}
+    tensors = safetensors.numpy.load_file(str(profile))
+    with safetensors.safe_open(str(profile), framework="np") as f:
+        meta = f.metadata()
+    valid = {adapter / "adapter_config.json": json.loads(originals[adapter / "adapter_config.json"]),
+             base / "model.safetensors.index.json": json.loads(originals[base / "model.safetensors.index.json"]),
+             profile: json.loads(meta["ddiscan.profile"])}
+    counts: Counter = Counter()
+
+    @settings(max_examples=JSON_EXAMPLES, **SETTINGS)
+    @given(st.sampled_from(sorted(valid, key=str)), st.data())
+    def run(target, data):
+        for path, content in originals.items():
+            path.write_bytes(content)
+        text = data.draw(json_text(valid[target]))
+        if target == profile:
+            safetensors.numpy.save_file(tensors, str(profile), metadata={**meta, "ddiscan.profile": text})
+        else:
+            target.write_text(text, encoding="utf-8", errors="surrogatepass")
+        written = target.read_bytes()
+        result = RUNNER.invoke(cli, ["report", str(profile if target == profile else base), str(adapter)])
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        assert result.exit_code in (0, 2, 3), (result.exit_code, result.stderr)
+        assert "Traceback" not in result.stdout + result.stderr
+        if result.exit_code:
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("Error: "), lines
+        assert target.read_bytes() == written
+        counts[result.exit_code] += 1
+
+    run()
+    total = sum(counts.values())
+    print(f"\nfuzz: {total} JSON inputs through the CLI: exit codes {dict(counts)}")
+    record_property("fuzz_json_examples", total)
+    assert total >= JSON_EXAMPLES and counts[3] > 0

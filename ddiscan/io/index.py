@@ -21,14 +21,14 @@ compressed-tensors ``weight_packed``) in place of ``.weight``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, QuantizedBase
-from .reader import SafetensorsFile, TensorInfo, check_not_pickle, note_input, open_regular
+from .jsonfile import read_json
+from .reader import SafetensorsFile, TensorInfo, check_not_pickle
 
 __all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme"]
 
@@ -90,21 +90,11 @@ def quantization_scheme(config: dict) -> str | None:
     return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
 
 
-def _read_input(path: Path) -> str:
-    """The text of a JSON input, opened as a regular file only, recorded as read (note_input)."""
-    with os.fdopen(open_regular(path), "rb") as f:
-        note_input(path, os.fstat(f.fileno()))
-        return f.read().decode("utf-8")
-
-
 def _check_unquantized(path: Path, keys) -> None:
     """QuantizedBase if the checkpoint at ``path`` holds quantized weights."""
     config = (path if path.is_dir() else path.parent) / "config.json"
-    if config.is_file():
-        try:
-            data = json.loads(_read_input(config))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{config}: not valid JSON ({exc}); ddiscan reads its quantization_config") from None
+    if config.exists():
+        data = read_json(config, "the model config, for its quantization_config")
         scheme = quantization_scheme(data) if isinstance(data, dict) else None
         if scheme is not None:
             raise QuantizedBase(
@@ -150,10 +140,7 @@ class TensorIndex:
 
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
-        try:
-            data = json.loads(_read_input(index))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InputError(f"{index}: not a readable checkpoint index ({exc})") from None
+        data = read_json(index, "a checkpoint index")
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise InputError(f"{index}: checkpoint index has no valid 'weight_map'")
