@@ -29,6 +29,7 @@ and ΔW = s · up · down has the shape (d, k) of the base weight as scored (aft
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import regex
 
 from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
 from .io.index import TensorIndex
@@ -355,11 +357,37 @@ class _BaseNames:
 # Scaling
 
 
+# A rank_pattern/alpha_pattern key is a regular expression from the adapter's author: one
+# match may take at most this long (a benign key takes microseconds; a catastrophically
+# backtracking one, say (a|aa)+b on a long name, would take years), and a key this long.
+PATTERN_TIMEOUT_S = 0.1
+PATTERN_MAX_LENGTH = 1000
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(key: str):
+    r"""PEFT's pattern ``(.*\.)?(KEY)$`` for one key, compiled by the ``regex`` module (the
+    syntax of ``re``, plus a timeout)."""
+    if len(key) > PATTERN_MAX_LENGTH:
+        raise InputError(f"adapter config pattern {key[:40]!r}...: longer than {PATTERN_MAX_LENGTH} characters")
+    try:
+        return regex.compile(rf"(.*\.)?({key})$")
+    except (regex.error, OverflowError, RecursionError) as exc:
+        raise InputError(f"adapter config pattern {key!r}: not a valid regular expression ({exc})") from None
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module name."""
+    r"""PEFT's rule: the first pattern key that matches the end of the module name (as
+    ``re.match(rf"(.*\.)?({key})$", module)``), each match bounded by PATTERN_TIMEOUT_S."""
+    if patterns is not None and not isinstance(patterns, dict):
+        raise InputError(f"rank_pattern/alpha_pattern must be a JSON object of patterns, not {type(patterns).__name__}")
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if _compiled_pattern(key).match(module, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise InputError(f"adapter config pattern {key!r}: took over {PATTERN_TIMEOUT_S:g} s to match {module} "
+                             "(catastrophic backtracking); refused") from None
     return default
 
 
@@ -458,6 +486,14 @@ def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, 
     return shapes
 
 
+def _check_rank(d: int, k: int, r: int, where: str) -> None:
+    """A rank above min(d, k) adds nothing to ΔW (rank ≤ min(d, k)) but costs r² memory in
+    the kernels (a tiny file could ask for terabytes): refused before anything is allocated."""
+    if r > min(d, k):
+        raise ShapeMismatch(f"{where}: rank {r} exceeds min(d, k) = {min(d, k)} of its {d} × {k} update; "
+                            "refusing a LoRA rank above the smaller side")
+
+
 def _base_fit(shape: tuple[int, ...], d: int, k: int) -> tuple[bool, bool]:
     """Whether a base tensor of ``shape`` is W0 as is, and whether it is W0ᵀ."""
     if len(shape) > 2:
@@ -535,6 +571,7 @@ def match_modules(
                            for key in (pair.down, pair.up, pair.singular))
             continue
         d, k, r, layout = _nonempty(shapes, f"{file.path}: {pair.down}")
+        _check_rank(d, k, r, f"{file.path}: {pair.down}")
         _check_singular(pair, file, r)
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
         if not candidates and pair.name.rsplit(".", 1)[-1] == "lm_head":

@@ -194,8 +194,14 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
        and communication-avoiding algorithm for computing a tall-skinny QR
        factorization", ScalA 2014.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below, not printed
+        sample = w0 @ omega
+    if not bool(xp.all(xp.isfinite(sample))):
+        # finite values near the dtype's limit (3.4e38 for float32) overflow W0 Ω; the
+        # subspaces are those of W0 / max|W0|, whose products cannot
+        w0 = w0 / xp.max(xp.abs(w0))
+        sample = w0 @ omega
     w0_t = xp.linalg.matrix_transpose(w0)
-    sample = w0 @ omega
     for _ in range(power_iters):
         sample = w0 @ (w0_t @ orthonormalize(sample, xp=xp, passes=1))
     sample = orthonormalize(sample, xp=xp)
