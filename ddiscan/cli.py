@@ -98,6 +98,27 @@ class _Finite(click.FloatRange):
 
 
 FINITE = _Finite()
+
+
+class _Path(click.Path):
+    """A path argument or option that the system can look up: one it refuses to (a name
+    too long, a directory that is not searchable) is the one-line input (or, for an
+    ``output``, I/O) error; a path that does not exist is left to the command."""
+
+    def __init__(self, *, output: bool = False, **kwargs):
+        super().__init__(path_type=str, readable=False, **kwargs)
+        self.output = output
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        try:
+            os.stat(value)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            error, what = (OutputError, "cannot write") if self.output else (InputError, "cannot read")
+            raise error(f"{value}: {what} ({exc.strerror or exc})") from None
+        return value
 MAX_THREADS = 4096
 
 
@@ -164,9 +185,9 @@ def scan_options(fn):
                      help=f"Threads BLAS may use (at most {MAX_THREADS}).  [default: one per core]"),
         click.option("--method", type=click.Choice(["ddi", "safelora", "splora"]), default="ddi", show_default=True,
                      help="DDI, SafeLoRA's cosine, or SPLoRA's E-DIEM (the last two need --aligned/--unaligned)."),
-        click.option("--aligned", type=click.Path(path_type=str, readable=False), default=None,
+        click.option("--aligned", type=_Path(), default=None,
                      help="The aligned (chat) checkpoint, for safelora/splora."),
-        click.option("--unaligned", type=click.Path(path_type=str, readable=False), default=None,
+        click.option("--unaligned", type=_Path(), default=None,
                      help="Its unaligned pretrained twin, for safelora/splora."),
         click.option("--components", default=None, callback=_components,
                      help="DDI ablation: score by the product of a subset of S,O,M (e.g. S,O)."),
@@ -241,22 +262,22 @@ profile_sha256_option = click.option(
 
 
 profiles_option = click.option(
-    "--profiles", multiple=True, type=click.Path(file_okay=False, path_type=str),
+    "--profiles", multiple=True, type=_Path(file_okay=False),
     help="A directory of base profiles to search when no base is given (repeatable; also DDISCAN_PROFILES).")
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER...", type=click.Path(path_type=str, readable=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER...", type=_Path())
 @scan_options
 @profiles_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format.  [default: table on stdout, json with -o]")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
+@click.option("-o", "--output", type=_Path(output=True), default=None, callback=_output,
               help="Write the report to OUTPUT (atomically) instead of stdout; with several adapters, "
                    "a directory for one JSON report each (named by the adapters' paths), "
                    "or one file with --format jsonl.")
 @click.option("--heatmap", "heatmap_", is_flag=True, help="Also print DDI by block and module kind as a shaded grid.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
+@click.option("--plot", type=_Path(output=True, dir_okay=False), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve to PLOT (.png or .svg; needs the 'plot' extra).")
 @profile_sha256_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
@@ -359,8 +380,8 @@ CHECK_FORMATS = ("terse", *FORMATS)
 
 
 @cli.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=click.Path(path_type=str, readable=False))
-@click.option("--base", type=click.Path(path_type=str, readable=False), default=None,
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=_Path())
+@click.option("--base", type=_Path(), default=None,
               help="The base (checkpoint or profile).  [default: looked up from adapter_config.json]")
 @profiles_option
 @click.option("--max-ddi", type=FINITE, default=None, help="Fail when a module's DDI exceeds MAX_DDI.")
@@ -463,8 +484,8 @@ def _adapter_of(path: str) -> tuple[str | None, str | None]:
 
 
 @cli.command()
-@click.argument("base", type=click.Path(path_type=str, readable=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), required=True,
+@click.argument("base", type=_Path())
+@click.option("-o", "--output", type=_Path(output=True, dir_okay=False), required=True,
               help="The profile to write (a .ddiprofile file).")
 @click.option("--max-t", type=click.IntRange(min=1), default=64, show_default=True,
               help="Widest subspace stored; any t up to MAX_T can be scored.")
@@ -497,7 +518,7 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str, readable=False))
+@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=_Path())
 @scan_options
 @click.option("--top", type=click.IntRange(min=0), default=None,
               help="Prune the TOP most suspect modules: largest DDI (lowest cosine, largest E-DIEM).")
@@ -507,15 +528,15 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 @click.option("--mode", "--rewrite", "mode", type=click.Choice(MODES), default="zero", show_default=True,
               help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors; "
                    "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
+@click.option("-o", "--output", type=_Path(output=True), default=None, callback=_output,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
-@click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
+@click.option("--from-report", type=_Path(), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
-@click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_output,
+@click.option("--report-out", type=_Path(output=True, dir_okay=False), default=None, callback=_output,
               help="Write the JSON report, each module marked kept or pruned.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
+@click.option("--plot", type=_Path(output=True, dir_okay=False), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve with the cut marked (.png or .svg).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
 def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, plot, quiet, **kwargs):

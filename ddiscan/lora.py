@@ -371,6 +371,7 @@ def _compiled_pattern(key: str):
     if len(key) > PATTERN_MAX_LENGTH:
         raise InputError(f"adapter config pattern {key[:40]!r}...: longer than {PATTERN_MAX_LENGTH} characters")
     try:
+        regex.compile(key)  # alone first, so that an error's position is the key's
         return regex.compile(rf"(.*\.)?({key})$")
     except (regex.error, OverflowError, RecursionError) as exc:
         raise InputError(f"adapter config pattern {key!r}: not a valid regular expression ({exc})") from None
@@ -479,6 +480,18 @@ def _check_singular(pair: _Pair, file: SafetensorsFile, r: int) -> None:
         raise ShapeMismatch(f"{file.path}: {pair.singular} is {list(shape)}, AdaLoRA's lora_E must be {r} × 1")
 
 
+def _check_magnitude(pair: _Pair, file: SafetensorsFile, sizes: set[int]) -> None:
+    """A DoRA magnitude holds one float per output feature (PEFT's; per embedding dimension
+    of an embedding) or, in LyCORIS's ``dora_scale``, per input or output feature: checked
+    before scoring, so that a report never passes what pruning would refuse."""
+    if pair.dora is None:
+        return
+    info = file.tensors[pair.dora]
+    if info.dtype not in FLOAT_DTYPES or info.numel not in sizes:
+        raise ShapeMismatch(f"{file.path}: {pair.dora} is {info.dtype} {list(info.shape)}; a DoRA magnitude of "
+                            f"this module must hold {' or '.join(map(str, sorted(sizes)))} floats")
+
+
 def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, int, str]:
     d, k, r, layout = shapes
     if min(d, k, r) == 0:
@@ -573,6 +586,7 @@ def match_modules(
         d, k, r, layout = _nonempty(shapes, f"{file.path}: {pair.down}")
         _check_rank(d, k, r, f"{file.path}: {pair.down}")
         _check_singular(pair, file, r)
+        _check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style == "peft" else {d, k})
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
         if not candidates and pair.name.rsplit(".", 1)[-1] == "lm_head":
             candidates = _tied_embedding(base, lookup, d, k)

@@ -89,10 +89,7 @@ class Profile:
 
     def norm(self, key: str) -> float:
         """‖W0‖_F as stored: NaN or Inf for a base weight that holds one (scored as not finite)."""
-        norm = float(np.asarray(self.file.array(f"{key}:norm"))[0])
-        if norm < 0:
-            raise InputError(f"{self.path}: {key}:norm is {norm:g}, a norm cannot be negative")
-        return norm
+        return float(np.asarray(self.file.array(f"{key}:norm"))[0])
 
     def basis(self, key: str, *, transposed: bool, t: int) -> np.ndarray:
         """The top-t basis of W0's column space (of the stored row space if ``transposed``)."""
@@ -183,7 +180,7 @@ def _checked_meta(meta, path) -> dict:
 
 def _check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
     """Every weight's :left, :right and :norm tensors are there, with the shapes its
-    recorded shape gives."""
+    recorded shape gives, and no norm is negative."""
     for key, entry in weights.items():
         rows, cols = entry["shape"][0], math.prod(entry["shape"][1:])
         t = min(max_t, rows, cols)
@@ -193,6 +190,9 @@ def _check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
             if info is None or info.dtype != dtype or tuple(info.shape) != shape:
                 raise InputError(f"{file.path}: profile tensor {name!r} is missing or not {dtype} {list(shape)}; "
                                  "rebuild the profile")
+        norm = float(np.asarray(file.array(f"{key}:norm"))[0])
+        if norm < 0:  # NaN or Inf is a base weight that holds one: scored as not finite
+            raise InputError(f"{file.path}: {key}:norm is {norm:g}, a norm cannot be negative")
 
 
 def _selected(index: TensorIndex, include, exclude) -> list[str]:

@@ -89,10 +89,14 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
     return entries
 
 
-def _exclude(config: dict, names: list[str]) -> dict:
-    """Add ``names`` (full module paths) to PEFT's ``exclude_modules``."""
+def _exclude(config: dict, names: list[str], source) -> dict:
+    """Add ``names`` (full module paths) to PEFT's ``exclude_modules`` (of ``source``)."""
     config = dict(config)
     current = config.get("exclude_modules")
+    if not (current is None or isinstance(current, str)
+            or (isinstance(current, list) and all(isinstance(n, str) for n in current))):
+        raise InputError(f"{source}: exclude_modules must be a regular expression or a list of module names, "
+                         f"not {type(current).__name__} {json.dumps(current)[:60]}")
     if isinstance(current, str):
         config["exclude_modules"] = "|".join([f"(?:{current})", *(re.escape(n) for n in names)])
     else:
@@ -213,7 +217,7 @@ def _write_directory(adapter: Adapter, output: Path, entries, meta, mode, pruned
             if item.name == adapter.file.path.name or not item.is_file():
                 continue
             if item.name == "adapter_config.json" and mode == "drop" and adapter.config is not None:
-                config = _exclude(adapter.config, pruned)
+                config = _exclude(adapter.config, pruned, item)
                 write_atomic(staging / item.name, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
                 continue
             shutil.copy2(item, staging / item.name)
