@@ -499,14 +499,6 @@ def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, 
     return shapes
 
 
-def _check_rank(d: int, k: int, r: int, where: str) -> None:
-    """A rank above min(d, k) adds nothing to ΔW (rank ≤ min(d, k)) but costs r² memory in
-    the kernels (a tiny file could ask for terabytes): refused before anything is allocated."""
-    if r > min(d, k):
-        raise ShapeMismatch(f"{where}: rank {r} exceeds min(d, k) = {min(d, k)} of its {d} × {k} update; "
-                            "refusing a LoRA rank above the smaller side")
-
-
 def _base_fit(shape: tuple[int, ...], d: int, k: int) -> tuple[bool, bool]:
     """Whether a base tensor of ``shape`` is W0 as is, and whether it is W0ᵀ."""
     if len(shape) > 2:
@@ -584,7 +576,6 @@ def match_modules(
                            for key in (pair.down, pair.up, pair.singular))
             continue
         d, k, r, layout = _nonempty(shapes, f"{file.path}: {pair.down}")
-        _check_rank(d, k, r, f"{file.path}: {pair.down}")
         _check_singular(pair, file, r)
         _check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style == "peft" else {d, k})
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)

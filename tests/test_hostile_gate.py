@@ -409,23 +409,39 @@ def test_an_invalid_pattern_is_a_one_line_error(tmp_path, pattern, message):
 
 
 # ---------------------------------------------------------------------------------------
-# 13. A rank above min(d, k) is refused before anything is allocated
+# 13. A rank above min(d, k) costs the factors' memory, not r²
 
 
-@pytest.mark.parametrize("rank", [9, 100_000])
-def test_a_rank_above_the_smaller_side_is_refused(tmp_path, rank):
+def test_a_rank_far_above_d_and_k_is_scored_in_the_factors_memory(tmp_path):
+    """r = 200 000 on an 8 × 16 k_proj: a 19 MB adapter whose r × r Gram matrices would
+    take 320 GB. Scored as the same ΔW factored at rank 8, in a process limited to 2 GB."""
     base, _ = write_llama_pair(tmp_path / "in", layers=1)
+    rank, key = 200_000, "base_model.model.model.layers.0.self_attn.k_proj"
     g = np.random.default_rng(0)
-    tensors = {"base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight": g.standard_normal((rank, 16)).astype(np.float32),
-               "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight": g.standard_normal((8, rank)).astype(np.float32)}
-    adapter = write_peft_dir(tmp_path / "wide", tensors, peft_config(rank, 8))
-    before = snapshot(base, adapter)
-    result = run("report", base, adapter)
-    assert_error(result, 3, f"{adapter / 'adapter_model.safetensors'}: "
-                            "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight: "
-                            f"rank {rank} exceeds min(d, k) = 8 of its 8 × 16 update; "
-                            "refusing a LoRA rank above the smaller side")
-    assert snapshot(base, adapter) == before
+    down = (g.standard_normal((rank, 16)) / 400).astype(np.float32)
+    up = (g.standard_normal((8, rank)) / 400).astype(np.float32)
+    wide = write_peft_dir(tmp_path / "wide", {f"{key}.lora_A.weight": down, f"{key}.lora_B.weight": up},
+                          peft_config(rank, 8))
+    delta = up.astype(np.float64) @ down.astype(np.float64)
+    u, sv, vt = np.linalg.svd(delta, full_matrices=False)
+    narrow = write_peft_dir(tmp_path / "narrow", {f"{key}.lora_A.weight": (vt * sv[:, None]).astype(np.float64),
+                                                  f"{key}.lora_B.weight": u}, peft_config(8, 8))
+    before = snapshot(base, wide)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30)); "
+            "from ddiscan.cli import main; sys.argv[0] = 'ddiscan'; main()")
+    env = {k: v for k, v in os.environ.items() if k != "DDISCAN_DEBUG"}
+    reports = []
+    for adapter in (wide, narrow):
+        proc = subprocess.run([sys.executable, "-c", code, "report", str(base), str(adapter), "--scaling", "1",
+                               "--t", "4", "--format", "json", "--exact"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout)["modules"][0])
+    wide_row, narrow_row = reports
+    assert (wide_row["r"], narrow_row["r"], wide_row["t"]) == (rank, 8, 4)
+    for field in ("sharpness", "deviation", "magnitude_norm", "ddi", "delta_norm"):
+        assert wide_row[field] == pytest.approx(narrow_row[field], rel=1e-5), field
+    assert snapshot(base, wide) == before
 
 
 # ---------------------------------------------------------------------------------------
