@@ -1,20 +1,25 @@
 """The ``ddiscan`` command: a thin click layer over the library.
 
 Each command calls one library function; every ``DdiscanError`` becomes one line on
-stderr and the exit code its class names (set DDISCAN_DEBUG=1 for the traceback).
+stderr and the exit code its class names (set DDISCAN_DEBUG=1 for the traceback). Usage
+errors are one line too (exit 2), an interrupt is "Error: interrupted" (exit 130), and any
+other exception, a bug, is "Error: internal error: ... (please report)" (exit 70). Every
+message and every name printed goes through :func:`ddiscan.errors.printable`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from ._version import __version__
-from .errors import DdiscanError, InputError, OutputError, UsageError
+from .errors import DdiscanError, InputError, OutputError, UsageError, printable
 from .io.jsonfile import read_json
 from .io.reader import SafetensorsFile, collecting_inputs
 from .io.writer import refuse_input_as_output, refuse_same_outputs, write_atomic
@@ -22,7 +27,7 @@ from .locate import find_base
 from .lora import adapter_kind
 from .methods import parse_components
 from .plot import check_plot, plot_report
-from .profile import DEFAULT_EXCLUDE, build_profile
+from .profile import DEFAULT_EXCLUDE, Profile, build_profile, is_profile
 from .prune import prune as prune_adapter
 from .render import FORMATS, heatmap, render
 from .report import SCORES
@@ -32,16 +37,92 @@ from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 __all__ = ["cli", "main"]
 
 
+INTERRUPTED, INTERNAL = 130, 70
+# click's own exits, and its help for a bare command (click 8.2+), are not errors
+_CLICK_PASSES = tuple(getattr(click.exceptions, name) for name in ("Exit", "Abort", "NoArgsIsHelpError")
+                      if hasattr(click.exceptions, name))
+
+
+def _fail(message: str, code: int):
+    click.echo(f"Error: {printable(message)}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _one_line_errors():
+    """Every failure as one line on stderr and its exit code (the README's table); with
+    DDISCAN_DEBUG set, ddiscan's own errors and bugs raise with their traceback."""
+    try:
+        yield
+    except _CLICK_PASSES:
+        raise
+    except click.ClickException as exc:  # usage errors: click prints four lines, we print one
+        _fail(exc.format_message(), exc.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", INTERRUPTED)
+    except DdiscanError as exc:
+        if os.environ.get("DDISCAN_DEBUG"):
+            raise
+        _fail(str(exc), exc.exit_code)
+    except Exception as exc:  # the last line of defence: a bug, not a way to report bad input
+        if os.environ.get("DDISCAN_DEBUG"):
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (please report)", INTERNAL)
+
+
 class _Group(click.Group):
+    def make_context(self, *args, **kwargs):
+        with _one_line_errors():
+            return super().make_context(*args, **kwargs)
+
     def invoke(self, ctx):
+        with _one_line_errors(), collecting_inputs():  # every file read: no output may replace one
+            return super().invoke(ctx)
+
+
+def _say(prefix: str, message: str) -> None:
+    """A ``warning:`` or ``note:`` line on stderr, escaped (names come from files)."""
+    click.echo(f"{prefix}: {printable(message)}", err=True)
+
+
+class _Finite(click.FloatRange):
+    """A float option that must be a finite number: nan compares false with everything,
+    so a limit of nan would pass every module, and inf would switch a limit off."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = _Finite()
+
+
+class _Path(click.Path):
+    """A path argument or option that the system can look up: one it refuses to (a name
+    too long, a directory that is not searchable) is the one-line input (or, for an
+    ``output``, I/O) error; a path that does not exist is left to the command."""
+
+    def __init__(self, *, output: bool = False, **kwargs):
+        super().__init__(path_type=str, readable=False, **kwargs)
+        self.output = output
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
         try:
-            with collecting_inputs():  # every file read; no output may replace one
-                return super().invoke(ctx)
-        except DdiscanError as exc:
-            if os.environ.get("DDISCAN_DEBUG"):
-                raise
-            click.echo(f"Error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+            os.stat(value)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            error, what = (OutputError, "cannot write") if self.output else (InputError, "cannot read")
+            raise error(f"{value}: {what} ({exc.strerror or exc})") from None
+        return value
+
+
+MAX_THREADS = 4096
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,8 +130,8 @@ class _Group(click.Group):
 def cli():
     """Score LoRA adapters by the Directional Deviation Index (DDI), from the weights alone.
 
-    Exit codes: 0 success, 1 check failed, 2 usage error, 3 bad input, 4 I/O failure.
-    Set DDISCAN_DEBUG=1 to see the traceback behind an error.
+    Exit codes: 0 success, 1 check failed, 2 usage error, 3 bad input, 4 I/O failure,
+    70 internal error, 130 interrupted. Set DDISCAN_DEBUG=1 to see the traceback behind an error.
     """
 
 
@@ -83,33 +164,33 @@ def scan_options(fn):
     options = [
         click.option("--t", "t", type=click.IntRange(min=1), default=None,
                      help="Dimension t of W0's dominant subspace.  [default: the module's rank r]"),
-        click.option("--t-mult", type=click.FloatRange(min=0, min_open=True), default=None,
+        click.option("--t-mult", type=_Finite(min=0, min_open=True), default=None,
                      help="Use t = ceil(T_MULT * r) instead; 2 is the paper's robust variant."),
         click.option("--oversample", type=click.IntRange(min=0), default=DEFAULT_OVERSAMPLE, show_default=True,
                      help="Oversampling q of the randomized range finder."),
         click.option("--power-iters", type=click.IntRange(min=0), default=DEFAULT_POWER_ITERS, show_default=True,
                      help="Power iterations of the randomized range finder."),
-        click.option("--seed", type=int, default=0, show_default=True,
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Seed of the random test matrices (same seed, same report)."),
         click.option("--exact", is_flag=True,
                      help="Take W0's subspace from a full float64 SVD (slow; for verification)."),
         click.option("--magnitude", type=click.Choice(["bounded", "raw"]), default="bounded", show_default=True,
                      help="DDI = S*O*M_norm (bounded) or S*O*M (raw, the paper's literal Eq. 6)."),
-        click.option("--alpha", type=float, default=None,
+        click.option("--alpha", type=FINITE, default=None,
                      help="Scaling s = ALPHA / r for every module (for adapters without a config)."),
-        click.option("--scaling", type=float, default=None,
+        click.option("--scaling", type=FINITE, default=None,
                      help="Scaling s for every module (for adapters without a config)."),
         click.option("--allow-unmatched", is_flag=True,
                      help="Warn about LoRA modules with no base weight instead of failing."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where to compute; cuda needs the 'gpu' extra (CuPy)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Threads BLAS may use.  [default: one per core]"),
+        click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+                     help=f"Threads BLAS may use (at most {MAX_THREADS}).  [default: one per core]"),
         click.option("--method", type=click.Choice(["ddi", "safelora", "splora"]), default="ddi", show_default=True,
                      help="DDI, SafeLoRA's cosine, or SPLoRA's E-DIEM (the last two need --aligned/--unaligned)."),
-        click.option("--aligned", type=click.Path(path_type=str, readable=False), default=None,
+        click.option("--aligned", type=_Path(), default=None,
                      help="The aligned (chat) checkpoint, for safelora/splora."),
-        click.option("--unaligned", type=click.Path(path_type=str, readable=False), default=None,
+        click.option("--unaligned", type=_Path(), default=None,
                      help="Its unaligned pretrained twin, for safelora/splora."),
         click.option("--components", default=None, callback=_components,
                      help="DDI ablation: score by the product of a subset of S,O,M (e.g. S,O)."),
@@ -136,47 +217,74 @@ def _bases(base, adapters, profiles, quiet) -> dict:
         located = find_base(adapter, profiles=list(profiles) or None)
         if not quiet:
             for warning in located.warnings:
-                click.echo(f"warning: {warning}", err=True)
-            click.echo(f"{adapter}: base {located.detail}", err=True)
+                _say("warning", warning)
+            click.echo(printable(f"{adapter}: base {located.detail}"), err=True)
         groups.setdefault(str(located.path), []).append(adapter)
     return groups
 
 
-def _scan_all(base, adapters, profiles, quiet, options) -> list:
-    """Reports in the order the adapters were given, each base read once for its group."""
+def _scan_all(base, adapters, profiles, quiet, options, *, profile_sha256=None, vouch=False) -> list:
+    """Reports in the order the adapters were given, each base read once for its group.
+    A profile among the bases is verified (against ``profile_sha256`` when given) and, with
+    ``vouch``, named in a note with the base files it was built from."""
     results = {}
     for group_base, group in _bases(base, adapters, profiles, quiet).items():
-        for adapter, result in zip(group, scan_many(group_base, group, **options)):
+        source = _base_source(group_base, profile_sha256, vouch)
+        for adapter, result in zip(group, scan_many(source, group, **options)):
             results[adapter] = result
     reports = [results[a] for a in dict.fromkeys(adapters)]
     if not quiet:
         for result in reports:
             for warning in result.warnings:
                 prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
-                click.echo(f"warning: {prefix}{warning}", err=True)
+                _say("warning", f"{prefix}{warning}")
     return reports
 
 
+def _base_source(path: str, pin: str | None, vouch: bool):
+    """The base to scan: an opened, verified Profile for a profile, else the path."""
+    if not is_profile(path):
+        if pin is not None:
+            raise UsageError(f"--profile-sha256 pins a base profile; {path} is not a .ddiprofile file")
+        return path
+    profile = Profile(path, sha256=pin)
+    if vouch:
+        _say("note", f"{path}: profile sha256 {profile.sha256}, made from {profile.vouches_for()}")
+    return profile
+
+
+def _hex_digest(ctx, param, value):
+    if value is not None and not (len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)):
+        raise click.BadParameter("must be 64 hexadecimal digits (a sha256)")
+    return value
+
+
+profile_sha256_option = click.option(
+    "--profile-sha256", default=None, callback=_hex_digest, metavar="HEX",
+    help="Refuse a base profile whose digest (the sha256 'check' notes) is not HEX.")
+
+
 profiles_option = click.option(
-    "--profiles", multiple=True, type=click.Path(file_okay=False, path_type=str),
+    "--profiles", multiple=True, type=_Path(file_okay=False),
     help="A directory of base profiles to search when no base is given (repeatable; also DDISCAN_PROFILES).")
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER...", type=click.Path(path_type=str, readable=False))
+@click.argument("paths", nargs=-1, required=True, metavar="[BASE] ADAPTER...", type=_Path())
 @scan_options
 @profiles_option
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
               help="Output format.  [default: table on stdout, json with -o]")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
+@click.option("-o", "--output", type=_Path(output=True), default=None, callback=_output,
               help="Write the report to OUTPUT (atomically) instead of stdout; with several adapters, "
                    "a directory for one JSON report each (named by the adapters' paths), "
                    "or one file with --format jsonl.")
 @click.option("--heatmap", "heatmap_", is_flag=True, help="Also print DDI by block and module kind as a shaded grid.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
+@click.option("--plot", type=_Path(output=True, dir_okay=False), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve to PLOT (.png or .svg; needs the 'plot' extra).")
+@profile_sha256_option
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
-def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
+def report(paths, profiles, fmt, output, heatmap_, plot, profile_sha256, quiet, **kwargs):
     """Rank every LoRA-updated module of each ADAPTER by DDI against BASE.
 
     BASE is a .safetensors file, a sharded checkpoint (its directory or its
@@ -203,7 +311,8 @@ def report(paths, profiles, fmt, output, heatmap_, plot, quiet, **kwargs):
         if out is not None:
             refuse_input_as_output(out, inputs)
     options = _scan_kwargs(kwargs)
-    reports = _scan_all(base, adapters, profiles, quiet, {"progress": not quiet and sys.stderr.isatty(), **options})
+    reports = _scan_all(base, adapters, profiles, quiet, {"progress": not quiet and sys.stderr.isatty(), **options},
+                        profile_sha256=profile_sha256)
     if targets:
         _write_reports(output, targets.values(), reports)
         if not quiet:
@@ -278,7 +387,7 @@ def _write_reports(output: str, targets, reports) -> None:
 def _titled(result, fmt: str, several: bool) -> str:
     text = heatmap(result, color=sys.stdout.isatty()) if fmt == "heatmap" else render(result, fmt)
     if several and fmt in ("table", "markdown", "heatmap"):
-        return f"== {result.inputs['adapter']['path']} ==\n{text}\n"
+        return f"== {printable(result.inputs['adapter']['path'])} ==\n{text}\n"
     return text
 
 
@@ -286,21 +395,23 @@ CHECK_FORMATS = ("terse", *FORMATS)
 
 
 @cli.command()
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=click.Path(path_type=str, readable=False))
-@click.option("--base", type=click.Path(path_type=str, readable=False), default=None,
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER...", type=_Path())
+@click.option("--base", type=_Path(), default=None,
               help="The base (checkpoint or profile).  [default: looked up from adapter_config.json]")
 @profiles_option
-@click.option("--max-ddi", type=float, default=None, help="Fail when a module's DDI exceeds MAX_DDI.")
-@click.option("--max-ddi-norm", type=float, default=None, help="Fail when a module's DDI_norm exceeds MAX_DDI_NORM.")
-@click.option("--min-cosine", type=float, default=None,
+@click.option("--max-ddi", type=FINITE, default=None, help="Fail when a module's DDI exceeds MAX_DDI.")
+@click.option("--max-ddi-norm", type=FINITE, default=None, help="Fail when a module's DDI_norm exceeds MAX_DDI_NORM.")
+@click.option("--min-cosine", type=FINITE, default=None,
               help="With --method safelora: fail when a module's cosine is below MIN_COSINE.")
-@click.option("--max-ediem", type=float, default=None,
+@click.option("--max-ediem", type=FINITE, default=None,
               help="With --method splora: fail when a module's E-DIEM exceeds MAX_EDIEM.")
 @scan_options
 @click.option("--format", "fmt", type=click.Choice(CHECK_FORMATS), default="terse", show_default=True,
               help="terse: one line per failing module; the others as for report.")
+@profile_sha256_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but failures.")
-def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem, fmt, quiet, **kwargs):
+def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem, fmt, profile_sha256, quiet,
+          **kwargs):
     """Check that no module of any ADAPTER exceeds a DDI limit (for CI and pre-commit).
 
     Exit 0 when every module passes, 1 when any exceeds --max-ddi or --max-ddi-norm (one
@@ -317,11 +428,12 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
     targets, notes = _check_targets(adapters)
     if not quiet:
         for note in notes:
-            click.echo(f"note: {note}", err=True)
-    reports = _scan_all(base, targets, profiles, True, _scan_kwargs(kwargs)) if targets else []
+            _say("note", note)
+    reports = (_scan_all(base, targets, profiles, True, _scan_kwargs(kwargs), profile_sha256=profile_sha256,
+                         vouch=not quiet) if targets else [])
     failures = []
     for result in reports:
-        where = result.inputs["adapter"]["file"]
+        where = printable(result.inputs["adapter"]["file"])
         for m in result.modules:
             for label, value, limit, above in (("DDI", m.ddi, max_ddi, True),
                                                ("DDI_norm", m.ddi_norm, max_ddi_norm, True),
@@ -331,7 +443,7 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
                     continue
                 if value is None or (value > limit if above else value < limit):
                     shown = "not finite" if value is None else f"{value:.6g}"
-                    failures.append(f"{where}:1: {m.name}: {label} {shown} {'>' if above else '<'} {limit:g}")
+                    failures.append(f"{where}:1: {printable(m.name)}: {label} {shown} {'>' if above else '<'} {limit:g}")
     if fmt == "terse":
         for line in failures:
             click.echo(line)
@@ -387,8 +499,8 @@ def _adapter_of(path: str) -> tuple[str | None, str | None]:
 
 
 @cli.command()
-@click.argument("base", type=click.Path(path_type=str, readable=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), required=True,
+@click.argument("base", type=_Path())
+@click.option("-o", "--output", type=_Path(output=True, dir_okay=False), required=True,
               help="The profile to write (a .ddiprofile file).")
 @click.option("--max-t", type=click.IntRange(min=1), default=64, show_default=True,
               help="Widest subspace stored; any t up to MAX_T can be scored.")
@@ -399,7 +511,8 @@ def _adapter_of(path: str) -> tuple[str | None, str | None]:
               help="Oversampling q of the randomized range finder.")
 @click.option("--power-iters", type=click.IntRange(min=0), default=DEFAULT_POWER_ITERS, show_default=True,
               help="Power iterations of the randomized range finder.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random test matrices.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the random test matrices.")
 @click.option("--exact", is_flag=True, help="Subspaces from full float64 SVDs.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
@@ -420,26 +533,26 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=click.Path(path_type=str, readable=False))
+@click.argument("paths", nargs=-1, metavar="[BASE] ADAPTER", type=_Path())
 @scan_options
 @click.option("--top", type=click.IntRange(min=0), default=None,
               help="Prune the TOP most suspect modules: largest DDI (lowest cosine, largest E-DIEM).")
-@click.option("--theta", type=float, default=None,
+@click.option("--theta", type=FINITE, default=None,
               help="Prune every module with DDI >= THETA (cosine <= THETA, E-DIEM >= THETA).")
-@click.option("--theta-norm", type=float, default=None, help="Prune every module with DDI_norm >= THETA_NORM.")
+@click.option("--theta-norm", type=FINITE, default=None, help="Prune every module with DDI_norm >= THETA_NORM.")
 @click.option("--mode", "--rewrite", "mode", type=click.Choice(MODES), default="zero", show_default=True,
               help="zero: keep every key, write zeros; drop: remove the pruned modules' tensors; "
                    "project: SafeLoRA's lora_B <- C*lora_B (--method safelora).")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None, callback=_output,
+@click.option("-o", "--output", type=_Path(output=True), default=None, callback=_output,
               help="The pruned adapter: a file for a file, a directory for a PEFT directory.")
 @click.option("--force", is_flag=True,
               help="Replace an existing output (a directory only if ddiscan prune wrote it).")
 @click.option("--dry-run", is_flag=True, help="Print the selection and write nothing.")
-@click.option("--from-report", type=click.Path(path_type=str, readable=False), default=None,
+@click.option("--from-report", type=_Path(), default=None,
               help="Take the scores from an earlier JSON report instead of scanning BASE.")
-@click.option("--report-out", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_output,
+@click.option("--report-out", type=_Path(output=True, dir_okay=False), default=None, callback=_output,
               help="Write the JSON report, each module marked kept or pruned.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None, callback=_plot_output,
+@click.option("--plot", type=_Path(output=True, dir_okay=False), default=None, callback=_plot_output,
               help="Draw the heatmap and the sorted DDI curve with the cut marked (.png or .svg).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no warnings on stderr.")
 def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_report, report_out, plot, quiet, **kwargs):
@@ -470,7 +583,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
     )
     if not quiet:
         for warning in result.report.warnings:
-            click.echo(f"warning: {warning}", err=True)
+            _say("warning", warning)
     method = result.report.method
     field, label, _ = SCORES[method]
     finite = [getattr(m, field) for m in result.report.modules if m.finite]
@@ -481,11 +594,11 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
         if method == "ddi":
             norms = [m.ddi_norm for m in result.report.modules if m.finite]
             spread += f" (DDI_norm {min(norms):.6g} to {max(norms):.6g})"
-        click.echo(f"warning: {result.selection.describe()} selects {what}; {spread}", err=True)
+        _say("warning", f"{result.selection.describe()} selects {what}; {spread}")
     rank = {m.name: i + 1 for i, m in enumerate(result.report.modules)}
     click.echo(f"selected {len(chosen)} of {len(result.report.modules)} modules ({result.selection.describe()}):")
     for m in chosen:
-        click.echo(f"  {rank[m.name]:>4}  {m.name}  {label} {getattr(m, field):.6g}")
+        click.echo(f"  {rank[m.name]:>4}  {printable(m.name)}  {label} {getattr(m, field):.6g}")
     if plot is not None:
         plot_report(result.report, plot, cut=(result.selection.rule, result.selection.value))
     if report_out is not None:
@@ -501,9 +614,12 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
 
 def _report_adapter(path: str) -> str:
     try:
-        return read_json(path, "a ddiscan JSON report")["inputs"]["adapter"]["path"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        adapter = read_json(path, "a ddiscan JSON report")["inputs"]["adapter"]["path"]
+    except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
+    if not isinstance(adapter, str):
+        raise InputError(f"{path}: not a ddiscan JSON report (inputs.adapter.path is not a string)")
+    return adapter
 
 
 def main():

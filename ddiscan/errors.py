@@ -22,6 +22,7 @@ __all__ = [
     "MatchError",
     "ShapeMismatch",
     "OutputError",
+    "printable",
 ]
 
 
@@ -79,3 +80,15 @@ class OutputError(DdiscanError):
     """Writing an output failed."""
 
     exit_code = 4
+
+
+def printable(text) -> str:
+    """``text`` with every character that is not printable (newlines, carriage returns,
+    ANSI escapes, other control and format characters, line separators) written as a
+    repr-style escape (``\\n``, ``\\x1b``, ``\\u2028``), so that a name read from a file
+    can neither start a line of its own nor drive the terminal. Printable text, spaces
+    and non-ASCII letters included, is unchanged."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

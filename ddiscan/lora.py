@@ -29,12 +29,14 @@ and ΔW = s · up · down has the shape (d, k) of the base weight as scored (aft
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import regex
 
 from .errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch, UnsupportedDtype
 from .io.index import TensorIndex
@@ -407,11 +409,38 @@ class _BaseNames:
 # Scaling
 
 
+# A rank_pattern/alpha_pattern key is a regular expression from the adapter's author: one
+# match may take at most this long (a benign key takes microseconds; a catastrophically
+# backtracking one, say (a|aa)+b on a long name, would take years), and a key this long.
+PATTERN_TIMEOUT_S = 0.1
+PATTERN_MAX_LENGTH = 1000
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled_pattern(key: str):
+    r"""PEFT's pattern ``(.*\.)?(KEY)$`` for one key, compiled by the ``regex`` module (the
+    syntax of ``re``, plus a timeout)."""
+    if len(key) > PATTERN_MAX_LENGTH:
+        raise InputError(f"adapter config pattern {key[:40]!r}...: longer than {PATTERN_MAX_LENGTH} characters")
+    try:
+        regex.compile(key)  # alone first, so that an error's position is the key's
+        return regex.compile(rf"(.*\.)?({key})$")
+    except (regex.error, OverflowError, RecursionError) as exc:
+        raise InputError(f"adapter config pattern {key!r}: not a valid regular expression ({exc})") from None
+
+
 def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: the first pattern key that matches the end of the module name."""
+    r"""PEFT's rule: the first pattern key that matches the end of the module name (as
+    ``re.match(rf"(.*\.)?({key})$", module)``), each match bounded by PATTERN_TIMEOUT_S."""
+    if patterns is not None and not isinstance(patterns, dict):
+        raise InputError(f"rank_pattern/alpha_pattern must be a JSON object of patterns, not {type(patterns).__name__}")
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if _compiled_pattern(key).match(module, timeout=PATTERN_TIMEOUT_S):
+                return value
+        except TimeoutError:
+            raise InputError(f"adapter config pattern {key!r}: took over {PATTERN_TIMEOUT_S:g} s to match {module} "
+                             "(catastrophic backtracking); refused") from None
     return default
 
 
@@ -511,6 +540,18 @@ def _check_singular(pair: _Pair, file: SafetensorsFile, r: int) -> None:
         raise ShapeMismatch(f"{file.path}: {pair.singular} is {list(shape)}, AdaLoRA's lora_E must be {r} × 1")
 
 
+def _check_magnitude(pair: _Pair, file: SafetensorsFile, sizes: set[int]) -> None:
+    """A DoRA magnitude holds one float per output feature (PEFT's; per embedding dimension
+    of an embedding) or, in LyCORIS's ``dora_scale``, per input or output feature: checked
+    before scoring, so that a report never passes what pruning would refuse."""
+    if pair.dora is None:
+        return
+    info = file.tensors[pair.dora]
+    if info.dtype not in FLOAT_DTYPES or info.numel not in sizes:
+        raise ShapeMismatch(f"{file.path}: {pair.dora} is {info.dtype} {list(info.shape)}; a DoRA magnitude of "
+                            f"this module must hold {' or '.join(map(str, sorted(sizes)))} floats")
+
+
 def _nonempty(shapes: tuple[int, int, int, str], where: str) -> tuple[int, int, int, str]:
     d, k, r, layout = shapes
     if min(d, k, r) == 0:
@@ -597,6 +638,7 @@ def match_modules(
             continue
         d, k, r, layout = _nonempty(shapes, f"{file.path}: {pair.down}")
         _check_singular(pair, file, r)
+        _check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style == "peft" else {d, k})
         candidates = lookup.kohya(pair.name) if pair.style == "kohya" else lookup.peft(pair.name)
         if not candidates and pair.name.rsplit(".", 1)[-1] == "lm_head":
             candidates = _tied_embedding(base, lookup, d, k)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,7 +15,7 @@ from . import methods
 from .io.convert import frobenius
 from .io.jsonfile import read_json
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
-from .report import Report
+from .report import SCORES, ModuleScore, Report
 from .rewrite import rewrite_adapter
 from .io.reader import sha256
 from .scan import _alignment_update, scan
@@ -53,14 +55,62 @@ def load_report(path, adapter: Adapter) -> Report:
     """An earlier JSON report, checked against the adapter now on disk (size and sha256)."""
     try:
         data = read_json(path, "a ddiscan JSON report")
-        report = Report.from_dict(data)
-        recorded = data["inputs"]["adapter"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise InputError(f"{path}: not a ddiscan JSON report ({exc})") from None
+    problem = _report_problem(data)
+    if problem is not None:
+        raise InputError(f"{path}: not a ddiscan JSON report ({problem})")
+    report = Report.from_dict(data)
+    recorded = data["inputs"]["adapter"]
     file = adapter.file.path
     if recorded.get("size") != adapter.file.size or recorded.get("sha256") != sha256(adapter.file):
         raise InputError(f"{path}: was made from a different adapter than {file} (size or sha256 differ); scan again")
     return report
+
+
+_NUMBER_FIELDS = ("sharpness", "deviation", "magnitude", "magnitude_norm", "ddi", "ddi_raw", "ddi_norm",
+                  "delta_norm", "base_norm", "cosine", "ediem", "scale")
+_INT_FIELDS = ("d", "k", "r", "t")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _report_problem(data) -> str | None:
+    """What makes ``data`` unusable as a report to prune from (None when nothing does):
+    every field selection and rewriting read, with its JSON type."""
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    if data.get("method") not in SCORES:
+        return f"unknown method {data.get('method')!r}"
+    inputs = data.get("inputs")
+    if not (isinstance(inputs, dict) and isinstance(inputs.get("adapter"), dict) and isinstance(inputs.get("base"), dict)
+            and isinstance(inputs["adapter"].get("path"), str)):
+        return "no inputs.adapter.path"
+    if not isinstance(data.get("parameters"), dict):
+        return "no parameters object"
+    rows = data.get("modules")
+    if not isinstance(rows, list) or not rows:
+        return "no modules"
+    fields_ = {f.name for f in dataclasses.fields(ModuleScore) if f.default is dataclasses.MISSING}
+    names = set()
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not fields_ <= row.keys():
+            return f"modules[{i}] is not a module row"
+        if not isinstance(row["name"], str) or not isinstance(row["finite"], bool) or row["name"] in names:
+            return f"modules[{i}]: name must be a unique string and finite a boolean"
+        names.add(row["name"])
+        for name in _INT_FIELDS:
+            if not (isinstance(row[name], int) and not isinstance(row[name], bool)):
+                return f"modules[{i}].{name} must be an integer"
+        for name in _NUMBER_FIELDS:
+            if row.get(name) is not None and not _is_number(row[name]):
+                return f"modules[{i}].{name} must be a finite number or null"
+        needed = (SCORES[data["method"]][0], *(("ddi_norm",) if data["method"] == "ddi" else ()))
+        if row["finite"] and any(row.get(name) is None for name in needed):
+            return f"modules[{i}]: a finite module without its {'/'.join(needed)}"
+    return None
 
 
 def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.ndarray]:

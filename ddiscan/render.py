@@ -2,6 +2,8 @@
 
 Column names (README, "Output formats"): ``rank module kind block d k r t S O M_norm DDI
 DDI_norm`` in the table and Markdown; every ModuleScore field in CSV and JSON Lines.
+Names come from files: every format but JSON and JSON Lines (which escape by themselves and
+keep names exact) prints them through :func:`ddiscan.errors.printable`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import asdict, fields
 
 import numpy as np
 
+from .errors import printable
 from .report import SCORES, ModuleScore, Report
 
 __all__ = ["FORMATS", "COLUMNS", "render", "heatmap"]
@@ -40,7 +43,8 @@ def _rows(report: Report):
         scores = ((m.sharpness, m.deviation, m.magnitude_norm, m.ddi, m.ddi_norm) if extra is None
                   else tuple(getattr(m, name) for _, name in extra))
         yield (
-            str(i + 1) if m.finite else "-", m.name, m.kind, "" if m.block is None else str(m.block),
+            str(i + 1) if m.finite else "-", printable(m.name), printable(m.kind),
+            "" if m.block is None else str(m.block),
             str(m.d), str(m.k), str(m.r), str(m.t), *(_number(v) for v in scores),
         )
 
@@ -77,7 +81,8 @@ def _csv(report: Report) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(names)
     for record in _records(report):
-        writer.writerow(["" if record[n] is None else record[n] for n in names])
+        writer.writerow(["" if record[n] is None else printable(record[n]) if isinstance(record[n], str)
+                         else record[n] for n in names])
     return out.getvalue()
 
 
@@ -133,9 +138,10 @@ def heatmap(report: Report, *, color: bool = False) -> str:
             return f"\x1b[38;5;{shade}m{char}\x1b[0m"
         return char
 
-    width = max(len(k) for k in kinds)
+    labels = [printable(k) for k in kinds]
+    width = max(len(k) for k in labels)
     label = max(len("block"), *(len(str(b)) for b in blocks))
-    lines = [" " * label + "  " + "  ".join(k.center(width) for k in kinds)]
+    lines = [" " * label + "  " + "  ".join(k.center(width) for k in labels)]
     for i, b in enumerate(blocks):
         row = "  ".join((cell(j=j, i=i) * 3).center(width) if not color else cell(i, j) * 3 + " " * (width - 3)
                         for j in range(len(kinds)))

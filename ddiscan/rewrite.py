@@ -80,7 +80,7 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
 def _exclude(config: dict, names: list[str]) -> dict:
     """Add ``names`` (full module paths) to PEFT's ``exclude_modules``."""
     config = dict(config)
-    current = config.get("exclude_modules")
+    current = config.get("exclude_modules")  # a str or a list of str (lora.CONFIG_SCHEMA)
     if isinstance(current, str):
         config["exclude_modules"] = "|".join([f"(?:{current})", *(re.escape(n) for n in names)])
     else:

@@ -368,7 +368,7 @@ def scan_many(
     def fetch(key):
         """Read a key's LoRA factors; map the base tensors it needs and bring their bytes
         into the page cache."""
-        factors = [lora_factors(module, opened[i].file) for i, module in plan[key]]
+        factors = [spectral.thin_factors(*lora_factors(module, opened[i].file)) for i, module in plan[key]]
         if pair is not None:
             return factors, _alignment_pair(pair, key, source.info(key).shape)
         return factors, None if isinstance(source, Profile) else source.fetch(key)

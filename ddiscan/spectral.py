@@ -190,6 +190,23 @@ def gaussian_test_matrix(k: int, width: int, seed: int) -> np.ndarray:
     return rng.standard_normal((k, width), dtype=np.float32)
 
 
+def thin_factors(up: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(up, down)`` with the same product ΔW = up · down and at most min(d, k) columns.
+
+    A rank above the smaller side of ΔW adds nothing to it, but the kernels' Gram matrices
+    are r × r: a small file with r far above d and k would ask for r² memory. One reduced
+    QR of the wide factor, whose memory is that factor's own, folds it away: down = Q R
+    gives ΔW = (up Q) R; upᵀ = Q R gives ΔW = Rᵀ (Qᵀ down).
+    """
+    if up.shape[1] > down.shape[1]:
+        q, upper = np.linalg.qr(down)
+        up, down = up @ q, upper
+    if up.shape[1] > up.shape[0]:
+        q, upper = np.linalg.qr(up.T)
+        up, down = upper.T, q.T @ down
+    return up, down
+
+
 def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = False):
     """Q_t from a randomized range finder with power iterations (SPEC.md §2 steps 1–3).
 
@@ -232,8 +249,14 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
        and communication-avoiding algorithm for computing a tall-skinny QR
        factorization", ScalA 2014.
     """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below, not printed
+        sample = w0 @ omega
+    if not bool(xp.all(xp.isfinite(sample))):
+        # finite values near the dtype's limit (3.4e38 for float32) overflow W0 Ω; the
+        # subspaces are those of W0 / max|W0|, whose products cannot
+        w0 = w0 / xp.max(xp.abs(w0))
+        sample = w0 @ omega
     w0_t = xp.linalg.matrix_transpose(w0)
-    sample = w0 @ omega
     for _ in range(power_iters):
         sample = w0 @ (w0_t @ orthonormalize(sample, xp=xp, passes=1))
     sample = orthonormalize(sample, xp=xp)

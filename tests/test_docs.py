@@ -23,7 +23,7 @@ def _options(command: click.Command) -> set[str]:
 
 
 def _man_options(text: str) -> set[str]:
-    return {m.replace("\\-", "-") for m in re.findall(r"\\-\\-[a-z](?:[a-z\\-]*[a-z])?", text)}
+    return {m.replace("\\-", "-") for m in re.findall(r"\\-\\-[a-z](?:[a-z0-9\\-]*[a-z0-9])?", text)}
 
 
 def _all_options() -> set[str]:

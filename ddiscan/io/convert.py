@@ -55,8 +55,20 @@ def widen(array: np.ndarray, dtype=np.float32, *, encoding: str | None = None) -
             dtypes.decode(flat[start:stop], encoding, out=block)
         else:
             block[...] = flat[start:stop]
-        total += float(np.dot(block, block))
+        total += _sum_of_squares(block)
     return out.reshape(array.shape), math.sqrt(total)
+
+
+def _sum_of_squares(block: np.ndarray) -> float:
+    """Σ x² of one block by BLAS ``dot``; where float32 squares overflow a finite block
+    (values near 3.4e38), again in float64, which holds them: Inf only for an Inf or NaN
+    value, and no numpy warning either way."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.dot(block, block))
+    if math.isinf(total) and block.dtype != np.float64 and bool(np.isfinite(block).all()):
+        wide = block.astype(np.float64)
+        total = float(np.dot(wide, wide))
+    return total
 
 
 def frobenius(array: np.ndarray) -> float:

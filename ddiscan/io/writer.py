@@ -17,8 +17,8 @@ from .reader import inputs_read
 
 __all__ = [
     "default_mode", "write_atomic", "write_atomic_stream", "refuse_input_as_output", "SafetensorsEntry",
-    "write_safetensors", "temp_prefix", "remove_stale_temps", "fsync_directory", "refuse_special_output",
-    "refuse_same_outputs", "check_output",
+    "write_safetensors", "safetensors_header", "temp_prefix", "remove_stale_temps", "fsync_directory",
+    "refuse_special_output", "refuse_same_outputs", "check_output",
 ]
 
 
@@ -228,12 +228,10 @@ class SafetensorsEntry:
     chunks: Callable[[], Iterable[bytes]]
 
 
-def write_safetensors(path, entries, metadata: dict[str, str] | None, *, force: bool = True) -> None:
-    """Stream tensors into a safetensors file, in the order given, atomically.
-
-    Only one chunk of one tensor is in memory at a time. The header is padded with
-    spaces to a multiple of 8 bytes, as the safetensors library writes it.
-    """
+def safetensors_header(entries, metadata: dict[str, str] | None) -> bytes:
+    """The length prefix and the JSON header of a safetensors file holding ``entries`` in
+    the order given, padded with spaces to a multiple of 8 bytes, as the safetensors
+    library writes it."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -243,10 +241,18 @@ def write_safetensors(path, entries, metadata: dict[str, str] | None, *, force: 
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path, entries, metadata: dict[str, str] | None, *, force: bool = True) -> None:
+    """Stream tensors into a safetensors file, in the order given, atomically.
+
+    Only one chunk of one tensor is in memory at a time.
+    """
+    header = safetensors_header(entries, metadata)
 
     def fill(f):
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(header)
         for e in entries:
             written = 0
             for chunk in e.chunks():
