@@ -37,7 +37,7 @@ from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
 __all__ = ["cli", "main"]
 
 
-INTERRUPTED, INTERNAL = 130, 70
+INTERRUPTED, INTERNAL, BROKEN_PIPE = 130, 70, 141  # 141 = 128 + SIGPIPE, as a shell reports it
 # click's own exits, and its help for a bare command (click 8.2+), are not errors
 _CLICK_PASSES = tuple(getattr(click.exceptions, name) for name in ("Exit", "Abort", "NoArgsIsHelpError")
                       if hasattr(click.exceptions, name))
@@ -60,6 +60,9 @@ def _one_line_errors():
         _fail(exc.format_message(), exc.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", INTERRUPTED)
+    except BrokenPipeError:  # stdout closed early (`ddiscan report ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(BROKEN_PIPE)
     except DdiscanError as exc:
         if os.environ.get("DDISCAN_DEBUG"):
             raise

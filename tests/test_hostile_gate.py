@@ -666,3 +666,13 @@ def test_a_name_too_long_is_a_one_line_error(pair, tmp_path, args, code, bad):
     what = "cannot read" if code == 3 else "cannot write"
     assert_error(result, code, f"{bad.format(**fill)}: {what} (File name too long)")
     assert snapshot(base, adapter) == before
+
+
+def test_a_closed_stdout_stops_quietly_with_141():
+    """`ddiscan report ... | head`: the reader goes away; no traceback, no 'internal error'."""
+    proc = subprocess.Popen([sys.executable, "-m", "ddiscan.cli", "report", str(ROOT / "fixtures" / "tiny-llama"),
+                             str(ROOT / "fixtures" / "tiny-lora"), "--format", "jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc.stdout.close()  # before ddiscan writes: its first write meets a closed pipe
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err) == (141, b"")
