@@ -661,7 +661,7 @@ def package_versions() -> dict:
 
 def bench_one(shape: str, adapter: str, base: Path, adapter_dir: Path, args, work: Path, can_drop: bool) -> dict:
     from ddiscan.io.index import TensorIndex
-    from ddiscan.scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+    from ddiscan.options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 
     p, q = DEFAULT_POWER_ITERS, DEFAULT_OVERSAMPLE
     mods = targeted(shape, adapter)
@@ -876,7 +876,7 @@ def main(argv=None) -> int:
         for shape, adapter, base, adapter_dir in plan:
             results.append(bench_one(shape, adapter, base, adapter_dir, args, Path(tmp), can_drop))
             if f"{shape}:{adapter}" in args.profile:
-                from ddiscan.scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+                from ddiscan.options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
                 profiles[(shape, adapter)] = profile_scan(base, adapter_dir, DEFAULT_POWER_ITERS, DEFAULT_OVERSAMPLE)
             (root / f"results-{args.shape}.json").write_text(json.dumps(
                 {"info": info, "results": results, "can_drop": can_drop,

@@ -33,7 +33,7 @@ import numpy as np
 
 from ddiscan import spectral
 from ddiscan.io.reader import SafetensorsFile
-from ddiscan.scan import DEFAULT_POWER_ITERS
+from ddiscan.options import DEFAULT_POWER_ITERS
 
 POWER_ITERS = (0, 1, 2, 3, 4)  # the counts the default is chosen from
 EXTRA_ITERS = (6, 8, 16, 32)  # how far the error keeps falling past them

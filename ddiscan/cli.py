@@ -26,17 +26,20 @@ from .io.writer import refuse_input_as_output, refuse_same_outputs, write_atomic
 from .locate import find_base
 from .lora import adapter_kind
 from .methods import parse_components
+from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
 from .plot import check_plot, plot_report
 from .profile import DEFAULT_EXCLUDE, Profile, build_profile, is_profile
 from .prune import prune as prune_adapter
 from .render import FORMATS, heatmap, render
 from .report import SCORES
 from .rewrite import MODES
-from .scan import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, scan_many
+from .scan import scan_many
 
 __all__ = ["cli", "main"]
 
 
+# how the command line shows each library parameter in a message: as its flag
+FLAGS = {name: "--" + name.replace("_", "-") for name in ScanOptions.names()}
 INTERRUPTED, INTERNAL, BROKEN_PIPE = 130, 70, 141  # 141 = 128 + SIGPIPE, as a shell reports it
 # click's own exits, and its help for a bare command (click 8.2+), are not errors
 _CLICK_PASSES = tuple(getattr(click.exceptions, name) for name in ("Exit", "Abort", "NoArgsIsHelpError")
@@ -66,7 +69,7 @@ def _one_line_errors():
     except DdiscanError as exc:
         if os.environ.get("DDISCAN_DEBUG"):
             raise
-        _fail(str(exc), exc.exit_code)
+        _fail(exc.render(FLAGS) if isinstance(exc, OptionError) else str(exc), exc.exit_code)
     except Exception as exc:  # the last line of defence: a bug, not a way to report bad input
         if os.environ.get("DDISCAN_DEBUG"):
             raise

@@ -43,6 +43,7 @@ from .io.index import TensorIndex
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, safetensors_header, write_atomic_stream
+from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
 
 __all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
 
@@ -211,7 +212,7 @@ def _selected(index: TensorIndex, include, exclude) -> list[str]:
 
 
 def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_EXCLUDE,
-                  oversample: int = 8, power_iters: int = 4, seed: int = 0, exact: bool = False,
+                  oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS, seed: int = 0, exact: bool = False,
                   force: bool = False, progress: bool = False) -> dict:
     """Write the profile of ``base`` to ``output``; return a summary.
 

@@ -23,16 +23,13 @@ from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
 from .io.reader import sha256
 from .io.convert import frobenius, widen
+from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
 from .profile import Profile, is_profile
 from .report import SCHEMA_VERSION, ModuleScore, Report, summarize
 
 __all__ = ["scan", "scan_many", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
 
-# Chosen from benchmarks/power_iters.py on the real all-MiniLM-L6-v2 weights: see README
-# ("How the defaults were chosen") and benchmarks/POWER_ITERS.md.
-DEFAULT_POWER_ITERS = 4
-DEFAULT_OVERSAMPLE = 8
 
 
 def _array_namespace(device: str):
@@ -43,9 +40,9 @@ def _array_namespace(device: str):
             import cupy  # noqa: F401
             from array_api_compat import cupy as xp
         except ImportError:
-            raise UsageError("--device cuda needs CuPy: pip install 'ddiscan[gpu]'") from None
+            raise OptionError("{device} cuda needs CuPy: pip install 'ddiscan[gpu]'", "device") from None
         return xp
-    raise UsageError(f"unknown device {device!r} (cpu or cuda)")
+    raise OptionError(f"unknown {{device}} {device!r} (cpu or cuda)", "device")
 
 
 def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> int:
@@ -306,35 +303,12 @@ def scan_many(
     -------
     list of Report, one per adapter, in order
     """
-    if t is not None and t_mult is not None:
-        raise UsageError("give --t or --t-mult, not both")
-    if t is not None and t < 1:
-        raise UsageError("--t must be at least 1")
-    if t_mult is not None and not t_mult > 0:
-        raise UsageError("--t-mult must be positive")
-    if oversample < 0 or power_iters < 0:
-        raise UsageError("--oversample and --power-iters must be non-negative")
-    if magnitude not in ("bounded", "raw"):
-        raise UsageError(f"--magnitude must be 'bounded' or 'raw', not {magnitude!r}")
-    for flag, value in (("--alpha", alpha), ("--scaling", scaling)):
-        if value is not None and not math.isfinite(value):
-            raise UsageError(f"{flag} must be a finite number, not {value}")
-    if alpha is not None and scaling is not None:
-        raise UsageError("give --alpha or --scaling, not both")
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
+    ScanOptions(t=t, t_mult=t_mult, oversample=oversample, power_iters=power_iters, seed=seed, exact=exact,
+                magnitude=magnitude, alpha=alpha, scaling=scaling, allow_unmatched=allow_unmatched, device=device,
+                threads=threads, read_ahead=read_ahead, progress=progress, method=method, aligned=aligned,
+                unaligned=unaligned, components=components, samples=samples)  # validates them
     if not adapters:
         raise UsageError("give at least one adapter")
-    if method not in ("ddi", "safelora", "splora"):
-        raise UsageError(f"unknown method {method!r} (ddi, safelora or splora)")
-    if method == "ddi" and (aligned is not None or unaligned is not None):
-        raise UsageError("--aligned/--unaligned are for --method safelora or splora")
-    if method != "ddi" and (aligned is None or unaligned is None):
-        raise UsageError(f"--method {method} needs both --aligned and --unaligned")
-    if components is not None and method != "ddi":
-        raise UsageError("--components is DDI's ablation; use it with --method ddi")
-    if samples < 2:
-        raise UsageError("--samples must be at least 2")
     xp = _array_namespace(device)
 
     source = _open_base(base)
