@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import spectral
 from ._version import __version__
 from .errors import InputError, UsageError
 from .io.convert import widen
@@ -44,6 +43,7 @@ from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, safetensors_header, write_atomic_stream
 from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+from .sketch import Sketch, dominant_basis
 
 __all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
 
@@ -239,6 +239,7 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
     if not keys:
         raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")
     dtype = np.float64 if exact else np.float32
+    sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
     bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
     computed: dict[str, dict] = {}
 
@@ -251,12 +252,8 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
             t = min(max_t, *w0.shape)
             if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
                 left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
-            elif exact:
-                left, right = spectral.exact_basis(w0, t=t, xp=np, right=True)
             else:
-                width = min(t + oversample, *w0.shape)
-                omega = spectral.gaussian_test_matrix(w0.shape[1], width, seed).astype(dtype)
-                left, right = spectral.randomized_basis(w0, omega, t=t, power_iters=power_iters, xp=np, right=True)
+                left, right = dominant_basis(w0, t=t, sketch=sketch, xp=np, right=True)
             computed[key] = {"left": left, "right": right, "norm": np.array([norm])}
             bar.update()
         return computed[key]

@@ -18,7 +18,8 @@ from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_module
 from .report import SCORES, ModuleScore, Report
 from .rewrite import rewrite_adapter
 from .io.reader import sha256
-from .scan import _alignment_update, scan
+from .scan import scan
+from .sources import alignment_update as _alignment_update
 from .select import Selection, select
 
 __all__ = ["PruneResult", "prune", "load_report"]

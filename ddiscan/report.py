@@ -13,59 +13,11 @@ from importlib import resources
 
 import numpy as np
 
+from .score import SCORES, ModuleScore, score, suspicion
+
 __all__ = ["SCHEMA_VERSION", "ModuleScore", "Report", "summarize", "SCORES", "score", "suspicion", "load_schema"]
 
 SCHEMA_VERSION = 1
-FORMATS = ("table", "json", "csv", "markdown")
-
-
-@dataclass(frozen=True)
-class ModuleScore:
-    """The scores of one LoRA-updated module (SPEC.md §2–3). Scores are None when ``finite``
-    is False (NaN or Inf in the module's tensors)."""
-
-    name: str
-    base_key: str
-    kind: str
-    block: int | None
-    layout: str
-    d: int
-    k: int
-    r: int
-    t: int
-    scale: float | None
-    scale_source: str
-    transposed: bool
-    dora: bool
-    finite: bool
-    sharpness: float | None = None
-    deviation: float | None = None
-    magnitude: float | None = None
-    magnitude_norm: float | None = None
-    ddi: float | None = None
-    ddi_raw: float | None = None
-    ddi_norm: float | None = None
-    delta_norm: float | None = None
-    base_norm: float | None = None
-    cosine: float | None = None
-    ediem: float | None = None
-
-
-# Each method's score: the ModuleScore field, its label, and whether low values (rather
-# than high) are the suspect ones.
-SCORES = {"ddi": ("ddi", "DDI", False), "safelora": ("cosine", "cosine", True), "splora": ("ediem", "E-DIEM", False)}
-
-
-def score(m: ModuleScore, method: str = "ddi") -> float | None:
-    """The method's own score of a module (DDI, SafeLoRA's cosine, E-DIEM)."""
-    return getattr(m, SCORES[method][0])
-
-
-def suspicion(m: ModuleScore, method: str = "ddi") -> float:
-    """The number a method ranks by, larger = more suspect (0 when not finite)."""
-    if not m.finite:
-        return 0.0
-    return -score(m, method) if SCORES[method][2] else score(m, method)
 
 
 def summarize(scores) -> dict:

@@ -1,10 +1,12 @@
-"""Stream LoRA modules through the DDI kernels, one base tensor at a time.
+"""Stream LoRA modules through the scorers, one base weight at a time.
 
-Every base weight that some adapter's LoRA pair updates is memory-mapped in file order,
-widened once to the working dtype (float32; float64 with ``exact=True``) while the
-previous one is scored, sketched once for all the adapters and ranks that need it, and
-released before the next, so at most a few tensors are resident whatever the base's size,
-and base tensors without a LoRA pair are never read.
+The base is a :class:`~ddiscan.sources.WeightSource` (a checkpoint, a profile, or the
+alignment update of an aligned/unaligned pair), read in its own order. While one weight is
+scored, a thread maps the next and brings its bytes into the page cache (the read-ahead);
+the current weight alone is widened to the working dtype (float32; float64 with
+``exact=True``), its subspaces are found once for all the adapters and ranks that need
+them, and it is released before the next, so at most a few tensors are resident whatever
+the base's size, and base weights without a LoRA pair are never read.
 """
 
 from __future__ import annotations
@@ -17,19 +19,18 @@ from contextlib import contextmanager
 import numpy as np
 from tqdm import tqdm
 
-from . import methods, spectral
+from . import spectral
 from ._version import __version__
-from .errors import InputError, ShapeMismatch, UsageError
-from .io.index import TensorIndex
+from .errors import UsageError
 from .io.reader import sha256
-from .io.convert import frobenius, widen
-from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
-from .profile import Profile, is_profile
-from .report import SCHEMA_VERSION, ModuleScore, Report, summarize
+from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
+from .report import SCHEMA_VERSION, Report, summarize
+from .score import METHOD_TABLE
+from .sketch import Sketch
+from .sources import WeightSource, open_source
 
-__all__ = ["scan", "scan_many", "score_module", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
-
+__all__ = ["scan", "scan_many", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
 
 
 def _array_namespace(device: str):
@@ -51,107 +52,22 @@ def _subspace_size(module: LoraModule, t: int | None, t_mult: float | None) -> i
     return max(1, min(t, module.d, module.k))
 
 
-def score_module(module: LoraModule, up, down, basis, base_norm: float, *, t: int,
-                 use_raw_magnitude: bool, xp, components: tuple[str, ...] | None = None) -> ModuleScore:
-    """Score one module (SPEC.md §2–3).
+class _Weight:
+    """One loaded base weight as the scorers see it: its norm, the matrix oriented for a
+    module, and Q_t found once per (orientation, t) however many adapters update it."""
 
-    ``up`` (d × r) and ``down`` (r × k) are float64 arrays of namespace ``xp``; ``basis``
-    is a function returning Q_t (d × t), called only when the module's numbers are finite;
-    ``base_norm`` is ‖W0‖_F. ``components`` (a subset of S, O, M) makes DDI their product,
-    for the paper's ablation.
-    """
-    fields = _fields(module, t)
-    if not _finite_inputs(module, up, down, base_norm, xp):
-        return ModuleScore(**fields, finite=False)
-    spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
-    delta_norm = _finite_norm(module, spectrum)
-    sharp = spectral.sharpness(spectrum)
-    dev = spectral.deviation(basis(), up, spectrum, module.scale, xp=xp)
-    mag = spectral.magnitude(delta_norm, base_norm)
-    mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
-    ddi_raw = sharp * dev * mag
-    chosen = mag if use_raw_magnitude else mag_norm
-    ddi = sharp * dev * chosen if components is None else methods.components(
-        components, sharpness=sharp, deviation=dev, magnitude=chosen)
-    return ModuleScore(
-        **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
-        ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
-    )
+    def __init__(self, source: WeightSource, key: str, matrix, norm: float, xp):
+        self.source, self.key, self.matrix, self.norm, self.xp = source, key, matrix, norm, xp
+        self.bases: dict = {}
 
+    def oriented(self, module: LoraModule):
+        return self.xp.asarray(orient(module, self.matrix))
 
-def score_alignment(module: LoraModule, up, down, diff, diff_norm: float, *, t: int, method: str,
-                    samples: int, seed: int, xp) -> ModuleScore:
-    """Score one module by SafeLoRA's cosine or SPLoRA's E-DIEM (:mod:`ddiscan.methods`);
-    ``diff`` is W_aligned − W_unaligned (d × k) and ``diff_norm`` its Frobenius norm."""
-    fields = _fields(module, t)
-    if not _finite_inputs(module, up, down, diff_norm, xp):
-        return ModuleScore(**fields, finite=False)
-    spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
-    common = dict(sharpness=spectral.sharpness(spectrum), delta_norm=_finite_norm(module, spectrum))
-    if method == "safelora":
-        cosine = methods.safelora_score(diff, up, down, module.scale, diff_norm=diff_norm, xp=xp).cosine
-        return ModuleScore(**fields, finite=math.isfinite(cosine), cosine=cosine, **common)
-    score = methods.ediem_score(diff, up, down, module.scale, diff_norm=diff_norm, samples=samples, seed=seed,
-                                xp=xp).score
-    return ModuleScore(**fields, finite=math.isfinite(score), ediem=score, **common)
-
-
-def _fields(module: LoraModule, t: int) -> dict:
-    return dict(
-        name=module.name, base_key=module.base_key, kind=module.kind, block=module.block,
-        layout=module.layout, d=module.d, k=module.k, r=module.r, t=t,
-        scale=module.scale if math.isfinite(module.scale) else None,  # a NaN/Inf .alpha or lora_alpha
-        scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
-    )
-
-
-def _finite_norm(module: LoraModule, spectrum) -> float:
-    """‖ΔW‖_F, or InputError when finite factors and scale make an update beyond float64."""
-    norm = spectrum.norm
-    if not math.isfinite(norm):
-        raise InputError(f"{module.name}: ‖ΔW‖_F = ‖s · B · A‖_F exceeds the float64 range "
-                         f"(scale {module.scale:g}); the factors or the scaling are corrupt")
-    return norm
-
-
-def _finite_inputs(module: LoraModule, up, down, norm: float, xp) -> bool:
-    """Whether the scale, the factors and the weight's norm are all finite (NaN/Inf is
-    reported as a non-finite module, not an error)."""
-    return (math.isfinite(module.scale) and math.isfinite(norm)
-            and bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))))
-
-
-class _Subspaces:
-    """Q_t for the modules of one base weight: sketched from W0 (or read from a profile)
-    once per (orientation, t), however many adapters update that weight."""
-
-    def __init__(self, source, key, w0, *, oversample, power_iters, seed, exact, xp, omega_cache):
-        self.source, self.key, self.w0, self.xp = source, key, w0, xp
-        self.oversample, self.power_iters, self.seed, self.exact = oversample, power_iters, seed, exact
-        self.omega_cache, self.cache = omega_cache, {}
-
-    def __call__(self, module: LoraModule, t: int):
-        return lambda: self._basis(module, t)
-
-    def _basis(self, module: LoraModule, t: int):
+    def basis(self, module: LoraModule, t: int):
         key = (module.transpose_base, t)
-        if key not in self.cache:
-            xp = self.xp
-            if isinstance(self.source, Profile):
-                self.cache[key] = xp.asarray(self.source.basis(self.key, transposed=module.transpose_base, t=t))
-            else:
-                w0 = xp.asarray(orient(module, self.w0))
-                if self.exact:
-                    self.cache[key] = spectral.exact_basis(w0, t=t, xp=xp)
-                else:
-                    width = min(t + self.oversample, module.d, module.k)
-                    shape = (module.k, width, str(w0.dtype))
-                    if shape not in self.omega_cache:  # Ω depends on the shape only (erratum E4)
-                        omega = spectral.gaussian_test_matrix(module.k, width, self.seed)
-                        self.omega_cache[shape] = xp.astype(xp.asarray(omega), w0.dtype)
-                    self.cache[key] = spectral.randomized_basis(
-                        w0, self.omega_cache[shape], t=t, power_iters=self.power_iters, xp=xp)
-        return self.cache[key]
+        if key not in self.bases:
+            self.bases[key] = self.source.basis(self.key, self.matrix, module=module, t=t, xp=self.xp)
+        return self.bases[key]
 
 
 def _read_ahead(items, fetch, load, *, enabled: bool):
@@ -194,21 +110,9 @@ def effective_threads(threads: int | None) -> int | None:
     return max(counts) if counts else None
 
 
-def _open_base(base):
-    if isinstance(base, (TensorIndex, Profile)):
-        return base
-    return Profile(base) if is_profile(base) else TensorIndex(base)
-
-
-def _reading_order(source, keys):
-    """Base keys in file and offset order, so a scan reads each shard front to back."""
-    if isinstance(source, Profile):
-        return sorted(keys)
-    return sorted(keys, key=lambda k: (str(source.weight_map[k]), source.info(k).start))
-
-
 def scan(base, adapter, **options) -> Report:
-    """Score every LoRA-updated module of ``adapter`` against ``base`` by DDI.
+    """Score every LoRA-updated module of ``adapter`` against ``base`` (by DDI, or by the
+    ``method`` given).
 
     Parameters
     ----------
@@ -223,7 +127,8 @@ def scan(base, adapter, **options) -> Report:
     Returns
     -------
     Report
-        Modules sorted by DDI, highest first.
+        Modules most suspect first by the method's score (highest DDI or E-DIEM, lowest
+        SafeLoRA cosine), non-finite modules last.
     """
     return scan_many(base, [adapter], **options)[0]
 
@@ -251,6 +156,7 @@ def scan_many(
     unaligned=None,
     components: tuple[str, ...] | None = None,
     samples: int = 32,
+    options: ScanOptions | None = None,
 ) -> list[Report]:
     """Score several adapters of one base, reading each base tensor once for all of them.
 
@@ -298,117 +204,87 @@ def scan_many(
         DDI's ablation: DDI becomes the product of these components.
     samples : int, default 32
         Reference rotations of E-DIEM.
+    options : ScanOptions, optional
+        All of the above as one value; when given, the keyword arguments are ignored.
 
     Returns
     -------
     list of Report, one per adapter, in order
     """
-    ScanOptions(t=t, t_mult=t_mult, oversample=oversample, power_iters=power_iters, seed=seed, exact=exact,
-                magnitude=magnitude, alpha=alpha, scaling=scaling, allow_unmatched=allow_unmatched, device=device,
-                threads=threads, read_ahead=read_ahead, progress=progress, method=method, aligned=aligned,
-                unaligned=unaligned, components=components, samples=samples)  # validates them
+    if options is None:
+        options = ScanOptions(t=t, t_mult=t_mult, oversample=oversample, power_iters=power_iters, seed=seed,
+                              exact=exact, magnitude=magnitude, alpha=alpha, scaling=scaling,
+                              allow_unmatched=allow_unmatched, device=device, threads=threads,
+                              read_ahead=read_ahead, progress=progress, method=method, aligned=aligned,
+                              unaligned=unaligned, components=components, samples=samples)  # validates them
+    return scan_with(base, adapters, options)
+
+
+def scan_with(base, adapters, options: ScanOptions) -> list[Report]:
+    """:func:`scan_many` with its options as one :class:`~ddiscan.options.ScanOptions`."""
     if not adapters:
         raise UsageError("give at least one adapter")
-    xp = _array_namespace(device)
-
-    source = _open_base(base)
-    parameters = {
-        "t": t, "t_mult": t_mult, "oversample": oversample, "power_iters": power_iters,
-        "seed": seed, "exact": exact, "magnitude": magnitude, "alpha": alpha, "scaling": scaling,
-        "allow_unmatched": allow_unmatched, "device": device, "threads": effective_threads(threads),
-        "eps": spectral.EPS,
-        "method": method, "components": list(components) if components else None,
-        "aligned": None if aligned is None else str(aligned),
-        "unaligned": None if unaligned is None else str(unaligned), "samples": samples,
-    }
-    pair = None if method == "ddi" else (TensorIndex(aligned), TensorIndex(unaligned))
-    notes: list[str] = []
-    if isinstance(source, Profile):
-        given = {"oversample": oversample, "power_iters": power_iters, "seed": seed, "exact": exact}
-        if given != source.parameters:
-            notes.append(f"the profile was sketched with {source.parameters}; its subspaces are used as they are")
-        parameters.update(source.parameters)
-        exact = source.parameters["exact"]
-
+    xp = _array_namespace(options.device)
+    sketch = Sketch(oversample=options.oversample, power_iters=options.power_iters, seed=options.seed,
+                    exact=options.exact)
+    source = open_source(base, sketch=sketch, aligned=options.aligned, unaligned=options.unaligned)
+    parameters, notes = source.settle(_parameters(options))
     opened = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
-    matched = [match_modules(a, source, alpha=alpha, scaling=scaling, allow_unmatched=allow_unmatched)
-               for a in opened]
+    matched = [match_modules(a, source, alpha=options.alpha, scaling=options.scaling,
+                             allow_unmatched=options.allow_unmatched) for a in opened]
     plan: dict[str, list[tuple[int, LoraModule]]] = {}
     for i, (modules, _, _) in enumerate(matched):
         for module in modules:
             plan.setdefault(module.base_key, []).append((i, module))
-    dtype = np.float64 if exact else np.float32
-
-    def fetch(key):
-        """Read a key's LoRA factors; map the base tensors it needs and bring their bytes
-        into the page cache."""
-        factors = [spectral.thin_factors(*lora_factors(module, opened[i].file)) for i, module in plan[key]]
-        if pair is not None:
-            return factors, _alignment_pair(pair, key, source.info(key).shape)
-        return factors, None if isinstance(source, Profile) else source.fetch(key)
-
-    def load(key, fetched):
-        """Widen one base weight (or form the alignment update A)."""
-        factors, mapped = fetched
-        if pair is not None:
-            diff = _difference(pair, key, *mapped)
-            return factors, diff, frobenius(diff)
-        if isinstance(source, Profile):
-            return factors, None, source.norm(key)
-        w0, norm = widen(mapped, dtype, encoding=source.info(key).dtype)
-        return factors, w0, norm
-
-    scores: list[list[ModuleScore]] = [[] for _ in opened]
-    omega_cache: dict = {}
-    sketch = dict(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact, xp=xp,
-                  omega_cache=omega_cache)
-    with _blas_threads(threads), ThreadPoolExecutor(max_workers=1, thread_name_prefix="ddiscan-hash") as hasher:
+    with _blas_threads(options.threads), ThreadPoolExecutor(max_workers=1,
+                                                            thread_name_prefix="ddiscan-hash") as hasher:
         # the adapters' sha256 for the reports, read once in the background: it also brings
         # their bytes into the page cache before their factors are needed
         digests = [hasher.submit(sha256, adapter.file) for adapter in opened]
-        keys = _reading_order(source, plan)
-        loaded = _read_ahead(keys, fetch, load, enabled=read_ahead)
-        for key, (factors, w0, norm) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
-                                             file=sys.stderr, disable=not progress):
-            subspaces = _Subspaces(source, key, w0, **sketch)
-            for (i, module), (up, down) in zip(plan[key], factors):
-                size = _subspace_size(module, t, t_mult)
-                up, down = xp.asarray(up), xp.asarray(down)
-                if pair is None:
-                    scores[i].append(score_module(
-                        module, up, down, subspaces(module, size), norm, t=size,
-                        use_raw_magnitude=magnitude == "raw", xp=xp, components=components,
-                    ))
-                else:
-                    scores[i].append(score_alignment(
-                        module, up, down, xp.asarray(orient(module, w0)), norm, t=size, method=method,
-                        samples=samples, seed=seed, xp=xp,
-                    ))
-            del factors, w0, subspaces
+        scores = _score_all(source, opened, plan, options, xp)
         return [_report(source, adapter, found, scores[i], parameters, notes, digests[i].result())
                 for i, (adapter, found) in enumerate(zip(opened, matched))]
 
 
-def _alignment_pair(pair, key: str, shape) -> tuple[np.ndarray, np.ndarray]:
-    """W_aligned and W_unaligned for one base key, mapped and fetched, checked against the
-    base's shape."""
-    for index in pair:
-        if key not in index:
-            raise InputError(f"{index.path}: has no {key}, which the adapter updates")
-        if tuple(index.info(key).shape) != tuple(shape):
-            raise ShapeMismatch(f"{index.path}: {key} is {list(index.info(key).shape)}, the base's is {list(shape)}")
-    return pair[0].fetch(key), pair[1].fetch(key)
+def _parameters(options: ScanOptions) -> dict:
+    """The report's ``parameters``: the options as the scan ran them."""
+    return {
+        "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample,
+        "power_iters": options.power_iters, "seed": options.seed, "exact": options.exact,
+        "magnitude": options.magnitude, "alpha": options.alpha, "scaling": options.scaling,
+        "allow_unmatched": options.allow_unmatched, "device": options.device,
+        "threads": effective_threads(options.threads), "eps": spectral.EPS, "method": options.method,
+        "components": list(options.components) if options.components else None,
+        "aligned": None if options.aligned is None else str(options.aligned),
+        "unaligned": None if options.unaligned is None else str(options.unaligned), "samples": options.samples,
+    }
 
 
-def _alignment_update(pair, key: str, shape) -> np.ndarray:
-    """A = W_aligned − W_unaligned for one base key, float32."""
-    return _difference(pair, key, *_alignment_pair(pair, key, shape))
+def _score_all(source: WeightSource, opened, plan, options: ScanOptions, xp) -> list[list]:
+    """Every planned module's score, one base weight at a time in the source's order."""
+    scorer = METHOD_TABLE[options.method].scorer
 
+    def fetch(key):
+        """Read a key's LoRA factors; let the source map what it needs."""
+        factors = [spectral.thin_factors(*lora_factors(module, opened[i].file)) for i, module in plan[key]]
+        return factors, source.fetch(key)
 
-def _difference(pair, key: str, aligned, unaligned) -> np.ndarray:
-    diff, _ = widen(aligned, encoding=pair[0].info(key).dtype)
-    diff -= widen(unaligned, encoding=pair[1].info(key).dtype)[0]
-    return diff
+    def load(key, fetched):
+        factors, mapped = fetched
+        return factors, source.load(key, mapped)
+
+    scores: list[list] = [[] for _ in opened]
+    keys = source.order(plan)
+    loaded = _read_ahead(keys, fetch, load, enabled=options.read_ahead)
+    for key, (factors, (matrix, norm)) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
+                                               file=sys.stderr, disable=not options.progress):
+        weight = _Weight(source, key, matrix, norm, xp)
+        for (i, module), (up, down) in zip(plan[key], factors):
+            size = _subspace_size(module, options.t, options.t_mult)
+            scores[i].append(scorer(module, xp.asarray(up), xp.asarray(down), weight, t=size, options=options,
+                                    xp=xp))
+        del factors, matrix, weight
+    return scores
 
 
 def _report(source, adapter: Adapter, found, scores, parameters, notes, digest: str) -> Report:

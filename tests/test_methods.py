@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddiscan import methods, spectral
+from selection_helpers import public_lowest_k, ranked
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -354,47 +355,6 @@ def test_array_api_strict_gives_the_numpy_results(case, samples):
 # Selection: SafeLoRA's public lowest-k rule
 
 
-def public_lowest_k(cosines, k):
-    """The public SafeLoRA code's 'number' rule: thrs = sort(cos)[:k][-1]; project cos <= thrs."""
-    thrs = np.sort(cosines)[:k][-1]
-    return [i for i, c in enumerate(cosines) if c <= thrs]
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=40, unique=True), st.data())
-def test_select_lowest_equals_public_lowest_k_rule(cosines, data):
-    k = data.draw(st.integers(1, len(cosines)))
-    names = [f"m{i:02d}" for i in range(len(cosines))]
-    ours = methods.select_lowest(dict(zip(names, cosines)), count=k)
-    assert len(ours) == k
-    assert sorted(ours) == sorted(names[i] for i in public_lowest_k(cosines, k))
-    assert [dict(zip(names, cosines))[n] for n in ours] == sorted(cosines)[:k]  # lowest first
-    # threshold rule: cos <= threshold, as the public code's threshold mode
-    t = data.draw(st.floats(0, 1))
-    assert sorted(methods.select_lowest(list(zip(names, cosines)), threshold=t)) == sorted(
-        n for n, c in zip(names, cosines) if c <= t)
-    # E-DIEM's direction is the mirror image
-    assert methods.select_highest(dict(zip(names, [-c for c in cosines])), count=k) == ours
-
-
-def test_selection_ties_non_finite_and_usage():
-    scores = {"b": 0.2, "a": 0.2, "c": 0.1, "d": float("nan"), "e": float("inf"), "f": None}
-    # ties broken by name: exactly k, where the public rule takes every tied score
-    assert methods.select_lowest(scores, count=2) == ["c", "a"]
-    assert len(public_lowest_k(np.array([0.2, 0.2, 0.1]), 2)) == 3
-    assert methods.select_highest(scores, count=2) == ["a", "b"]
-    assert methods.select_lowest(scores, count=10) == ["c", "a", "b"]
-    assert methods.select_lowest(scores, count=0) == []
-    assert methods.select_highest(scores, threshold=0.15) == ["a", "b"]
-    for bad in (dict(), dict(count=1, threshold=0.5)):
-        with pytest.raises(ValueError):
-            methods.select_lowest(scores, **bad)
-        with pytest.raises(ValueError):
-            methods.select_highest(scores, **bad)
-    with pytest.raises(ValueError):
-        methods.select_lowest(scores, count=-1)
-
-
 # ---------------------------------------------------------------------------------------
 # DDI ablation
 
@@ -519,7 +479,7 @@ def test_planted_alignment_each_methods_ranking():
     orth = {"orth-a", "orth-b", "orth-sharp"}
 
     cos = {n: r["cosine"] for n, r in rows.items()}
-    safelora = methods.select_lowest(cos, count=len(cos))
+    safelora = ranked(cos, "safelora")
     assert set(safelora[:3]) == orth and safelora[3] == "random" and set(safelora[4:]) == within
     assert all(cos[n] < 1e-12 for n in orth)
     assert all(0.9 < cos[n] <= 1.0 for n in within)
@@ -527,7 +487,7 @@ def test_planted_alignment_each_methods_ranking():
     names = list(cos)
     ordered = sorted(cos.values())
     for k in range(1, len(names) + 1):  # the public code's lowest-k rule ...
-        ours = set(methods.select_lowest(cos, count=k))
+        ours = set(ranked(cos, "safelora", k))
         public = {names[i] for i in public_lowest_k(np.array([cos[n] for n in names]), k)}
         assert len(ours) == k and ours <= public
         if k == len(names) or ordered[k - 1] < ordered[k]:  # ... equal unless tied at the cut
@@ -536,14 +496,14 @@ def test_planted_alignment_each_methods_ranking():
     assert len(public_lowest_k(np.array(list(cos.values())), 1)) == 3
 
     ediem = {n: r["ediem"] for n, r in rows.items()}
-    splora = methods.select_highest(ediem, count=len(ediem))
+    splora = ranked(ediem, "splora")
     assert set(splora[:3]) == orth and set(splora[-3:]) == within
     assert all(ediem[n] > 0.5 for n in orth)  # a planted misaligned module stands out ...
     assert all(ediem[n] < -10.0 for n in within)  # ... from the aligned ones
     assert abs(ediem["random"]) < 3.0
 
     ddi = {n: r["ddi"] for n, r in rows.items()}
-    by_ddi = methods.select_highest(ddi, count=len(ddi))
+    by_ddi = ranked(ddi, "ddi")
     assert by_ddi[0] == "orth-sharp" and set(by_ddi[1:4]) == within
     assert {n for n in by_ddi[:3]} >= {"orth-sharp"} and undo <= set(by_ddi[:4])
     spread = [rows[n]["M_norm"] for n in rows]
