@@ -43,15 +43,13 @@ from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, safetensors_header, write_atomic_stream
 from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors, checked_meta, layout,
+                            verified_digest)
 from .sketch import Sketch, dominant_basis
 
 __all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
 
 SUFFIX = ".ddiprofile"
-META_KEY = "ddiscan.profile"
-DIGEST_KEY = "ddiscan.profile_sha256"
-_SKETCH_FIELDS = {"oversample": 0, "power_iters": 0, "seed": 0}  # integer fields and their minimum
-PROFILE_VERSION = 1
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*norm*", "*ln_*")
 
 
@@ -73,11 +71,11 @@ class Profile:
             self.meta = parse_json(metadata[META_KEY], f"the {META_KEY!r} metadata of a base profile", self.path)
         except (TypeError, KeyError):
             raise InputError(f"{self.path}: not a ddiscan base profile (no valid {META_KEY!r} metadata)") from None
-        self.sha256 = _verified_digest(self.file, metadata)
+        self.sha256 = verified_digest(self.file, metadata)
         if sha256 is not None and self.sha256 != sha256.lower():
             raise InputError(f"{self.path}: profile sha256 {self.sha256} is not the pinned {sha256}")
-        self.weights, self.max_t = _checked_meta(self.meta, self.path), self.meta["max_t"]
-        _check_tensors(self.file, self.weights, self.max_t)
+        self.weights, self.max_t = checked_meta(self.meta, self.path), self.meta["max_t"]
+        check_tensors(self.file, self.weights, self.max_t)
 
     def keys(self):
         return self.weights.keys()
@@ -116,85 +114,6 @@ class Profile:
     def vouches_for(self) -> str:
         """What the profile says it was built from: each base file's name and sha256."""
         return ", ".join(f"{f['name']} (sha256 {f['sha256']})" for f in self.meta["base_files"])
-
-
-def _layout(metadata: dict, tensors) -> bytes:
-    """The canonical JSON of a profile's metadata (its digest left out) and of its tensors'
-    ``(name, dtype, shape, start, end)``, offsets relative to the data section."""
-    table = sorted([name, dtype, list(shape), start, end] for name, dtype, shape, start, end in tensors)
-    others = {k: v for k, v in metadata.items() if k != DIGEST_KEY}
-    return json.dumps({"metadata": others, "tensors": table}, sort_keys=True).encode("utf-8")
-
-
-def _verified_digest(file: SafetensorsFile, metadata: dict) -> str:
-    """The profile's stored digest, after checking it against its content."""
-    stored = metadata.get(DIGEST_KEY)
-    if stored is None:
-        raise InputError(f"{file.path}: a profile without a content digest (written before ddiscan recorded one); "
-                         "rebuild it with 'ddiscan profile'")
-    start = file.data_offset
-    digest = hashlib.sha256(_layout(metadata, ((i.name, i.dtype, i.shape, i.start - start, i.end - start)
-                                               for i in file.tensors.values())))
-    try:
-        with open(file.path, "rb") as f:
-            f.seek(start)
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError as exc:
-        raise InputError(f"{file.path}: cannot read ({exc.strerror or exc})") from None
-    if digest.hexdigest() != stored:
-        raise InputError(f"{file.path}: the profile's content does not match its sha256 digest (modified or "
-                         "corrupt); rebuild it with 'ddiscan profile'")
-    return stored
-
-
-def _is_int(value, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-
-
-def _checked_meta(meta, path) -> dict:
-    """The profile's weights, after checking every field scoring reads."""
-    def bad(field: str):
-        return InputError(f"{path}: profile field {field!r} is missing or malformed; rebuild the profile")
-
-    if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
-        raise bad("version")
-    for field, minimum in {"max_t": 1, **_SKETCH_FIELDS}.items():
-        if not _is_int(meta.get(field), minimum):
-            raise bad(field)
-    if not isinstance(meta.get("exact"), bool):
-        raise bad("exact")
-    files = meta.get("base_files")
-    if not isinstance(files, list) or not all(
-            isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("sha256"), str)
-            and _is_int(f.get("size"), 0) for f in files):
-        raise bad("base_files")
-    weights = meta.get("weights")
-    if not isinstance(weights, dict) or not weights:
-        raise bad("weights")
-    for key, entry in weights.items():
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (not isinstance(shape, list) or len(shape) < 2 or not all(_is_int(n, 1) for n in shape)
-                or entry.get("dtype") not in FLOAT_DTYPES):
-            raise bad(f"weights.{key}")
-    return weights
-
-
-def _check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
-    """Every weight's :left, :right and :norm tensors are there, with the shapes its
-    recorded shape gives, and no norm is negative."""
-    for key, entry in weights.items():
-        rows, cols = entry["shape"][0], math.prod(entry["shape"][1:])
-        t = min(max_t, rows, cols)
-        for name, dtype, shape in ((f"{key}:left", "F32", (rows, t)), (f"{key}:right", "F32", (cols, t)),
-                                   (f"{key}:norm", "F64", (1,))):
-            info = file.tensors.get(name)
-            if info is None or info.dtype != dtype or tuple(info.shape) != shape:
-                raise InputError(f"{file.path}: profile tensor {name!r} is missing or not {dtype} {list(shape)}; "
-                                 "rebuild the profile")
-        norm = float(np.asarray(file.array(f"{key}:norm"))[0])
-        if norm < 0:  # NaN or Inf is a base weight that holds one: scored as not finite
-            raise InputError(f"{file.path}: {key}:norm is {norm:g}, a norm cannot be negative")
 
 
 def _selected(index: TensorIndex, include, exclude) -> list[str]:
@@ -286,7 +205,7 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
 
 
 def _write_profile(output, entries: list[SafetensorsEntry], metadata: dict, *, force: bool) -> None:
-    """Stream the profile to ``output`` atomically, its digest (:func:`_verified_digest`)
+    """Stream the profile to ``output`` atomically, its digest (:func:`~ddiscan.profile_check.verified_digest`)
     hashed while the tensors are written and put in the header's place for it at the end."""
     placeholder = "0" * 64
     header = safetensors_header(entries, {**metadata, DIGEST_KEY: placeholder})
@@ -299,7 +218,7 @@ def _write_profile(output, entries: list[SafetensorsEntry], metadata: dict, *, f
 
     def fill(f):
         f.write(header)
-        digest = hashlib.sha256(_layout(metadata, tensors))
+        digest = hashlib.sha256(layout(metadata, tensors))
         for e in entries:
             for chunk in e.chunks():
                 f.write(chunk)

@@ -167,43 +167,9 @@ def scan_many(
     base : path-like, TensorIndex or Profile
         As for :func:`scan`.
     adapters : sequence of path-like or Adapter
-    t : int, optional
-        Dimension of W0's dominant subspace; default the module's rank r.
-    t_mult : float, optional
-        Use t = ceil(t_mult · r) instead (2 is the paper's robust variant).
-    oversample : int, default 8
-        Extra columns q of the random test matrix.
-    power_iters : int, default 4
-        Power iterations of the range finder.
-    seed : int, default 0
-        Seed of the random test matrices; the same seed gives the same report.
-    exact : bool, default False
-        Take Q_t from a full SVD of W0 in float64 instead of the randomized finder.
-    magnitude : {"bounded", "raw"}, default "bounded"
-        DDI uses M_norm (bounded) or M (raw, the literal Eq. 6); both are reported.
-    alpha, scaling : float, optional
-        Override the adapter's scaling: s = alpha / r, or s = scaling.
-    allow_unmatched : bool, default False
-        Warn about LoRA modules with no base weight instead of failing.
-    device : {"cpu", "cuda"}, default "cpu"
-        ``cuda`` runs the kernels through CuPy (the ``gpu`` extra).
-    threads : int, optional
-        Threads BLAS may use; default: its own choice (usually one per core).
-    read_ahead : bool, default True
-        Ask the kernel to read the next base tensor in the background while the current
-        one is scored (``posix_fadvise(WILLNEED)``).
-    progress : bool, default False
-        Show a progress bar on stderr.
-    method : {"ddi", "safelora", "splora"}, default "ddi"
-        DDI (SPEC.md), SafeLoRA's cosine, or SPLoRA's E-DIEM (:mod:`ddiscan.methods`);
-        the last two need ``aligned`` and ``unaligned``.
-    aligned, unaligned : path-like, optional
-        The aligned (chat) checkpoint and its unaligned pretrained twin, anything a base may
-        be but a profile; their difference is the alignment update A.
-    components : tuple of "S", "O", "M", optional
-        DDI's ablation: DDI becomes the product of these components.
-    samples : int, default 32
-        Reference rotations of E-DIEM.
+    t, t_mult, oversample, power_iters, seed, exact, magnitude, alpha, scaling, allow_unmatched,
+    device, threads, read_ahead, progress, method, aligned, unaligned, components, samples
+        The fields of :class:`~ddiscan.options.ScanOptions`, which documents each.
     options : ScanOptions, optional
         All of the above as one value; when given, the keyword arguments are ignored.
 

@@ -1,0 +1,108 @@
+"""Checking a base profile when it is opened: its content digest, then every metadata
+field and tensor scoring reads (the format is described in :mod:`ddiscan.profile`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+
+from .errors import InputError
+from .io.reader import FLOAT_DTYPES, SafetensorsFile
+
+__all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_digest", "checked_meta",
+           "check_tensors"]
+
+META_KEY = "ddiscan.profile"
+DIGEST_KEY = "ddiscan.profile_sha256"
+_SKETCH_FIELDS = {"oversample": 0, "power_iters": 0, "seed": 0}  # integer fields and their minimum
+PROFILE_VERSION = 1
+
+
+def layout(metadata: dict, tensors) -> bytes:
+    """The canonical JSON of a profile's metadata (its digest left out) and of its tensors'
+    ``(name, dtype, shape, start, end)``, offsets relative to the data section."""
+    table = sorted([name, dtype, list(shape), start, end] for name, dtype, shape, start, end in tensors)
+    others = {k: v for k, v in metadata.items() if k != DIGEST_KEY}
+    return json.dumps({"metadata": others, "tensors": table}, sort_keys=True).encode("utf-8")
+
+
+def verified_digest(file: SafetensorsFile, metadata: dict) -> str:
+    """The profile's stored digest, after checking it against its content."""
+    stored = metadata.get(DIGEST_KEY)
+    if stored is None:
+        raise InputError(f"{file.path}: a profile without a content digest (written before ddiscan recorded one); "
+                         "rebuild it with 'ddiscan profile'")
+    start = file.data_offset
+    digest = hashlib.sha256(layout(metadata, ((i.name, i.dtype, i.shape, i.start - start, i.end - start)
+                                               for i in file.tensors.values())))
+    try:
+        with open(file.path, "rb") as f:
+            f.seek(start)
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise InputError(f"{file.path}: cannot read ({exc.strerror or exc})") from None
+    if digest.hexdigest() != stored:
+        raise InputError(f"{file.path}: the profile's content does not match its sha256 digest (modified or "
+                         "corrupt); rebuild it with 'ddiscan profile'")
+    return stored
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def checked_meta(meta, path) -> dict:
+    """The profile's weights, after checking every field scoring reads."""
+    if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
+        raise _malformed(path, "version")
+    for field, minimum in {"max_t": 1, **_SKETCH_FIELDS}.items():
+        if not _is_int(meta.get(field), minimum):
+            raise _malformed(path, field)
+    if not isinstance(meta.get("exact"), bool):
+        raise _malformed(path, "exact")
+    files = meta.get("base_files")
+    if not isinstance(files, list) or not all(map(_is_base_file, files)):
+        raise _malformed(path, "base_files")
+    weights = meta.get("weights")
+    if not isinstance(weights, dict) or not weights:
+        raise _malformed(path, "weights")
+    for key, entry in weights.items():
+        if not _is_weight_entry(entry):
+            raise _malformed(path, f"weights.{key}")
+    return weights
+
+
+def _malformed(path, field: str) -> InputError:
+    return InputError(f"{path}: profile field {field!r} is missing or malformed; rebuild the profile")
+
+
+def _is_base_file(f) -> bool:
+    return (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("sha256"), str)
+            and _is_int(f.get("size"), 0))
+
+
+def _is_weight_entry(entry) -> bool:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    return (isinstance(shape, list) and len(shape) >= 2 and all(_is_int(n, 1) for n in shape)
+            and entry.get("dtype") in FLOAT_DTYPES)
+
+
+def check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
+    """Every weight's :left, :right and :norm tensors are there, with the shapes its
+    recorded shape gives, and no norm is negative."""
+    for key, entry in weights.items():
+        rows, cols = entry["shape"][0], math.prod(entry["shape"][1:])
+        t = min(max_t, rows, cols)
+        for name, dtype, shape in ((f"{key}:left", "F32", (rows, t)), (f"{key}:right", "F32", (cols, t)),
+                                   (f"{key}:norm", "F64", (1,))):
+            info = file.tensors.get(name)
+            if info is None or info.dtype != dtype or tuple(info.shape) != shape:
+                raise InputError(f"{file.path}: profile tensor {name!r} is missing or not {dtype} {list(shape)}; "
+                                 "rebuild the profile")
+        norm = float(np.asarray(file.array(f"{key}:norm"))[0])
+        if norm < 0:  # NaN or Inf is a base weight that holds one: scored as not finite
+            raise InputError(f"{file.path}: {key}:norm is {norm:g}, a norm cannot be negative")
