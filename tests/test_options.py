@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from ddiscan.cli import FLAGS, cli
+from ddiscan.check import LIMITS
 from ddiscan.cli.options import LIBRARY_ONLY, SCAN_FLAGS
 from ddiscan.errors import UsageError
 from ddiscan.options import OptionError, ScanOptions
@@ -46,8 +47,17 @@ def test_a_bad_option_is_refused_naming_the_parameter(given, library, cli_messag
 def test_the_defaults_are_valid_and_every_field_has_a_flag():
     options = ScanOptions()
     assert (options.oversample, options.power_iters, options.method) == (8, 4, "ddi")
-    assert set(ScanOptions.names()) <= set(FLAGS)
-    assert all(flag == "--" + name.replace("_", "-") for name, flag in FLAGS.items())
+    assert set(ScanOptions.names()) - set(LIBRARY_ONLY) <= set(FLAGS)
+    for name in (*SCAN_FLAGS, *LIMITS, "profile_sha256"):
+        assert FLAGS[name] == "--" + name.replace("_", "-"), name
+
+
+def test_each_parameter_has_one_flag_in_every_command():
+    for command in cli.commands.values():
+        for param in command.params:
+            long = [o for o in param.opts if o.startswith("--")]
+            if long:
+                assert FLAGS[param.name] == long[0], (command.name, param.name)
 
 
 def test_every_scan_option_is_a_flag_of_every_scanning_command_with_the_fields_default():

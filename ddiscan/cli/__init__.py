@@ -21,7 +21,6 @@ from ..errors import DdiscanError, printable
 from ..io.reader import collecting_inputs
 from ..options import OptionError
 from .check import check
-from .options import FLAGS
 from .profile import profile
 from .prune import prune
 from .report import report
@@ -86,6 +85,12 @@ def cli():
 
 for _command in (report, check, profile, prune):
     cli.add_command(_command)
+
+# how the command line shows each library parameter in a message (an OptionError's
+# ``{name}``): as the flag that sets it, for every option of every command
+FLAGS = {param.name: next(o for o in param.opts if o.startswith("--"))
+         for command in cli.commands.values() for param in command.params
+         if isinstance(param, click.Option) and any(o.startswith("--") for o in param.opts)}
 
 
 def main():

@@ -11,14 +11,18 @@ from pathlib import Path
 
 import click
 
-from ..check import LIMITS
 from ..errors import InputError, OutputError, printable
 from ..methods import parse_components
 from ..options import MAGNITUDES, METHODS, ScanOptions
 from ..plot import check_plot
 
-# how the command line shows each library parameter in a message: as its flag
-FLAGS = {name: "--" + name.replace("_", "-") for name in (*ScanOptions.names(), *LIMITS, "profile_sha256")}
+
+
+def flag(name: str) -> str:
+    """The flag of a library parameter: ``power_iters`` is ``--power-iters``."""
+    return "--" + name.replace("_", "-")
+
+
 MAX_THREADS = 4096
 
 
@@ -121,8 +125,8 @@ def scan_option(name: str, help: str | None = None):
     kind, text = SCAN_FLAGS[name]
     default = _DEFAULTS[name]
     if isinstance(default, bool):
-        return click.option(FLAGS[name], name, is_flag=True, default=default, help=help or text)
-    return click.option(FLAGS[name], name, type=kind, default=default, show_default=default is not None,
+        return click.option(flag(name), name, is_flag=True, default=default, help=help or text)
+    return click.option(flag(name), name, type=kind, default=default, show_default=default is not None,
                         callback=_CALLBACKS.get(name), help=help or text)
 
 
