@@ -116,6 +116,12 @@ class ScanOptions:
 def _problems(o: ScanOptions):
     """The first contradiction or out-of-range value, as an OptionError (a generator, so
     the checks read top to bottom and stop at the first)."""
+    yield from _sketch_problems(o)
+    yield from _scaling_problems(o)
+    yield from _method_problems(o)
+
+
+def _sketch_problems(o: ScanOptions):
     if o.t is not None and o.t_mult is not None:
         yield OptionError("give {t} or {t_mult}, not both", "t", "t_mult")
     if o.t is not None and o.t < 1:
@@ -126,6 +132,9 @@ def _problems(o: ScanOptions):
         yield OptionError("{oversample} and {power_iters} must be non-negative", "oversample", "power_iters")
     if o.magnitude not in MAGNITUDES:
         yield OptionError(f"{{magnitude}} must be 'bounded' or 'raw', not {o.magnitude!r}", "magnitude")
+
+
+def _scaling_problems(o: ScanOptions):
     for name in ("alpha", "scaling"):
         value = getattr(o, name)
         if value is not None and not math.isfinite(value):
@@ -134,7 +143,6 @@ def _problems(o: ScanOptions):
         yield OptionError("give {alpha} or {scaling}, not both", "alpha", "scaling")
     if o.threads is not None and o.threads < 1:
         yield OptionError("{threads} must be at least 1", "threads")
-    yield from _method_problems(o)
 
 
 def _method_problems(o: ScanOptions):

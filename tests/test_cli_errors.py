@@ -600,3 +600,20 @@ def test_prune_output_into_a_missing_directory_fails_before_anything_is_written(
     assert_one_error_line(result, 4, str(missing))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
 
+
+
+def test_every_command_writes_its_wrote_line_on_stderr_and_only_data_on_stdout(tmp_path):
+    base, adapter = _good(tmp_path / "in")
+    profile = tmp_path / "base.ddiprofile"
+    result = RUNNER.invoke(cli, ["profile", str(base), "-o", str(profile), "--max-t", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "" and result.stderr.startswith(f"wrote {profile}: ") and result.stderr.count("\n") == 1
+    pruned = tmp_path / "pruned.safetensors"
+    result = RUNNER.invoke(cli, ["prune", str(base), str(adapter), "--top", "1", "-o", str(pruned)])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("selected 1 of ") and "wrote" not in result.stdout
+    assert result.stderr.splitlines()[-1].startswith(f"wrote {pruned} (zero mode; removed ")
+    for command in (["profile", str(base), "-o", str(tmp_path / "q.ddiprofile")],
+                    ["prune", str(base), str(adapter), "--top", "1", "-o", str(tmp_path / "q.safetensors")]):
+        result = RUNNER.invoke(cli, [*command, "-q"])
+        assert result.exit_code == 0 and "wrote" not in result.output, command

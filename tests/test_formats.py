@@ -47,9 +47,9 @@ def _keys(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _matched(base, adapter, **kwargs):
-    adapter = ddiscan.load_adapter(adapter)
+    adapter = ddiscan.lora.load_adapter(adapter)
     index = TensorIndex(base)
-    return (adapter, index, *ddiscan.match_modules(adapter, index, **kwargs))
+    return (adapter, index, *ddiscan.lora.match_modules(adapter, index, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------

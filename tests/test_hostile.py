@@ -143,8 +143,10 @@ def check_outcome(case, command: str, args: list[str], code: int, stdout: str, s
     assert "Error" not in stderr, where
     lines = stderr.splitlines()
     if command in ("check", "profile"):
-        assert all(line.startswith(("warning: ", "ddiscan check: ")) for line in lines), where
+        known = ("warning: ", "ddiscan check: ") if command == "check" else ("warning: ", "wrote ")
+        assert all(line.startswith(known) for line in lines), where
         if command == "profile" and code == 0:
+            assert stdout == "" and lines[-1].startswith("wrote "), where
             assert ddiscan.Profile(out / "base.ddiprofile").max_t == 2, where
         return
     if command.startswith("report"):

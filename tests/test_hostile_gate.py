@@ -535,7 +535,7 @@ def test_an_unexpected_exception_is_an_internal_error(monkeypatch, pair):
     def broken(*args, **kwargs):
         raise ZeroDivisionError("float division by zero")
 
-    monkeypatch.setattr(ddiscan.cli, "scan_many", broken)
+    monkeypatch.setattr(sys.modules["ddiscan.check"], "scan_many", broken)
     result = run("report", base, adapter)
     assert_error(result, 70, "internal error: ZeroDivisionError: float division by zero (please report)")
     monkeypatch.setenv("DDISCAN_DEBUG", "1")
@@ -549,17 +549,17 @@ def test_an_interrupt_is_exit_130(monkeypatch, pair):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ddiscan.cli, "scan_many", interrupted)
+    monkeypatch.setattr(sys.modules["ddiscan.check"], "scan_many", interrupted)
     assert_error(run("report", base, adapter), 130, "interrupted")
 
 
 def test_a_real_sigint_exits_130(pair):
     base, adapter = pair
-    code = ("import os, signal, time, ddiscan.cli as c\n"
+    code = ("import os, signal, sys, time, ddiscan.cli as c\n"
             "def scan(*a, **k):\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
             "    time.sleep(30)\n"
-            "c.scan_many = scan\n"
+            "sys.modules['ddiscan.check'].scan_many = scan\n"
             "c.main()\n")
     env = {k: v for k, v in os.environ.items() if k != "DDISCAN_DEBUG"}
     proc = subprocess.run([sys.executable, "-c", code, "report", str(base), str(adapter)], capture_output=True,

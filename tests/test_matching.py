@@ -15,6 +15,7 @@ import pytest
 
 import ddiscan
 import ddiscan.io
+import ddiscan.lora
 import ddiscan.io.reader
 from ddiscan.errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
 from ddiscan.io import TensorIndex
@@ -37,7 +38,7 @@ from safetensors_builders import (
 
 
 def match(base, adapter, **kwargs):
-    return ddiscan.match_modules(ddiscan.load_adapter(adapter), TensorIndex(base), **kwargs)
+    return ddiscan.lora.match_modules(ddiscan.lora.load_adapter(adapter), TensorIndex(base), **kwargs)
 
 
 def by_name(modules):
@@ -812,7 +813,7 @@ def test_lm_head_lora_on_a_tied_checkpoint_scores_the_input_embedding(tmp_path):
     save_file({"base_model.model.lm_head.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
                "base_model.model.lm_head.lora_B.weight": rng.standard_normal((50, 2)).astype(np.float32)},
               tmp_path / "a.safetensors")
-    modules, _, warnings = ddiscan.match_modules(ddiscan.load_adapter(tmp_path / "a.safetensors"),
+    modules, _, warnings = ddiscan.lora.match_modules(ddiscan.lora.load_adapter(tmp_path / "a.safetensors"),
                                                  TensorIndex(tmp_path / "base.safetensors"), scaling=1.0)
     assert [(m.name, m.base_key) for m in modules] == [("lm_head", "model.embed_tokens.weight")]
     assert any("tied" in w for w in warnings)

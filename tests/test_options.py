@@ -7,6 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from ddiscan.cli import FLAGS, cli
+from ddiscan.check import LIMITS
+from ddiscan.cli.options import LIBRARY_ONLY, SCAN_FLAGS
 from ddiscan.errors import UsageError
 from ddiscan.options import OptionError, ScanOptions
 
@@ -45,7 +47,39 @@ def test_a_bad_option_is_refused_naming_the_parameter(given, library, cli_messag
 def test_the_defaults_are_valid_and_every_field_has_a_flag():
     options = ScanOptions()
     assert (options.oversample, options.power_iters, options.method) == (8, 4, "ddi")
-    assert set(FLAGS) == set(ScanOptions.names())
+    assert set(ScanOptions.names()) - set(LIBRARY_ONLY) <= set(FLAGS)
+    for name in (*SCAN_FLAGS, *LIMITS, "profile_sha256"):
+        assert FLAGS[name] == "--" + name.replace("_", "-"), name
+
+
+def test_each_parameter_has_one_flag_in_every_command():
+    for command in cli.commands.values():
+        for param in command.params:
+            long = [o for o in param.opts if o.startswith("--")]
+            if long:
+                assert FLAGS[param.name] == long[0], (command.name, param.name)
+
+
+def test_every_scan_option_is_a_flag_of_every_scanning_command_with_the_fields_default():
+    assert sorted([*SCAN_FLAGS, *LIBRARY_ONLY]) == sorted(ScanOptions.names())
+    defaults = ScanOptions()
+    for command in ("report", "check", "prune"):
+        params = {p.name: p for p in cli.commands[command].params}
+        for name in SCAN_FLAGS:
+            assert params[name].opts == [FLAGS[name]], (command, name)
+            assert params[name].default == getattr(defaults, name), (command, name)
+        assert not set(LIBRARY_ONLY) & set(params), command
+
+
+def test_a_limit_of_check_is_refused_naming_the_parameter_and_shown_as_its_flag():
+    from ddiscan.check import check
+
+    with pytest.raises(OptionError) as info:
+        check(["fixtures/tiny-lora"], base="fixtures/tiny-llama", method="safelora")
+    assert str(info.value) == "give min_cosine"
+    assert info.value.render(FLAGS) == "give --min-cosine"
+    result = CliRunner().invoke(cli, ["check", "fixtures/tiny-lora"])
+    assert result.exit_code == 2 and result.stderr == "Error: give --max-ddi and/or --max-ddi-norm\n"
 
 
 def test_the_command_line_prints_the_library_error_with_its_flags():

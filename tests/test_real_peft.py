@@ -144,9 +144,9 @@ def torch_base64(layer: LoraLayer) -> np.ndarray:
 
 
 def ddiscan_modules(base_dir, adapter_dir, **kwargs):
-    adapter = ddiscan.load_adapter(adapter_dir)
+    adapter = ddiscan.lora.load_adapter(adapter_dir)
     index = TensorIndex(base_dir)
-    modules, skipped, warnings = ddiscan.match_modules(adapter, index, **kwargs)
+    modules, skipped, warnings = ddiscan.lora.match_modules(adapter, index, **kwargs)
     return adapter, index, modules, skipped, warnings
 
 

@@ -62,3 +62,15 @@ def test_start_up_imports_only_what_every_command_needs():
             "'threadpoolctl', 'torch', 'cupy', 'array_api_compat', 'safetensors') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_package_exports_what_a_python_user_needs_and_not_the_matching_internals():
+    from ddiscan import errors
+
+    needed = {"scan", "scan_many", "prune", "check", "select", "find_base", "build_profile", "Report", "Selection",
+              "PruneResult", "ScanOptions"}
+    error_classes = {name for name in errors.__all__ if isinstance(getattr(errors, name), type)}
+    assert needed | error_classes <= set(ddiscan.__all__)
+    assert all(hasattr(ddiscan, name) for name in ddiscan.__all__)
+    assert not {"match_modules", "LoraModule", "load_adapter"} & set(ddiscan.__all__)
+    assert callable(ddiscan.check) and ddiscan.check.__module__ == "ddiscan.check"

@@ -1,0 +1,5 @@
+"""``python -m ddiscan.cli``: the ``ddiscan`` command."""
+
+from . import main
+
+main()
