@@ -55,6 +55,50 @@ def reference_probes(d: int, width: int, samples: int, seed: int) -> np.ndarray:
     return rng.standard_normal((samples, d, width))
 
 
+def _observed(first, second, up, r_factor, diff_norm: float, xp):
+    """The observed update's distance d (from the d × r residual: no cancellation when
+    C ΔW ≈ ΔW), ‖Aᵀ…‖², ‖A Aᵀ…‖² and d² − ‖Y‖² (SPEC.md §7.2)."""
+    along = sumsq(first @ r_factor, xp)
+    proj = sumsq(second @ r_factor, xp)
+    excess = proj / diff_norm**2 - 2.0 * along / diff_norm  # d² − ‖Y‖²
+    observed = math.sqrt(sumsq((second / diff_norm - up) @ r_factor, xp))
+    return observed, along, proj, excess
+
+
+def _reference(first, second, probes, core, diff_norm: float, xp) -> dict:
+    """The reference rotations' distances d_j, g_j = d_j² − ‖Y‖² and the size of g_j's
+    terms: T_j = R_j⁻¹ K with R_j the Cholesky factor of G_jᵀ G_j, Q_j = G_j R_j⁻¹."""
+    samples, d, m = probes.shape
+    gram = transpose(probes, xp) @ probes  # (n, m, m)
+    upper = transpose(xp.linalg.cholesky(gram), xp)
+    turn = xp.linalg.inv(upper) @ core  # (n, m, m')
+    first_j = xp.permute_dims(xp.reshape(first, (first.shape[0], samples, m)), (1, 0, 2))
+    second_j = xp.permute_dims(xp.reshape(second, (d, samples, m)), (1, 0, 2))
+    moved = (second_j / diff_norm - probes) @ turn  # (C − I) Q_j K
+    first_j = first_j @ turn
+    second_j = second_j @ turn
+    along_j = xp.sum(xp.reshape(first_j * first_j, (samples, -1)), axis=1)
+    proj_j = xp.sum(xp.reshape(second_j * second_j, (samples, -1)), axis=1)
+    return {
+        "excess": proj_j / diff_norm**2 - 2.0 * along_j / diff_norm,
+        "distances": xp.sqrt(xp.sum(xp.reshape(moved * moved, (samples, -1)), axis=1)),
+        "size": proj_j / diff_norm**2 + 2.0 * along_j / diff_norm,
+    }
+
+
+def _standardised(gap_mean: float, gap_std: float, observed: float, ref: dict, diff, xp) -> float:
+    """−mean/std of d_j − d; 0 where the spread is at rounding level (the same distance for
+    every rotation: d = 1, C ∝ I); NaN where anything is not finite."""
+    d, k = diff.shape
+    noise = 16.0 * float(xp.finfo(diff.dtype).eps) * math.sqrt(max(d, k)) * float(xp.max(ref["size"]))
+    spread = float(xp.std(ref["excess"], correction=1))
+    if not all(math.isfinite(v) for v in (gap_mean, gap_std, observed, spread)):
+        return math.nan
+    if spread <= noise or gap_std == 0.0:
+        return 0.0
+    return -gap_mean / gap_std
+
+
 def ediem_score(diff, up, down, scale: float, *, diff_norm: float, samples: int = 32, seed: int = 0,
                 xp) -> EDiemScore:
     """SPLoRA's E-DIEM of X = C ΔW and Y = ΔW against Haar rotations of ΔW (SPEC.md §7.2).
@@ -63,15 +107,12 @@ def ediem_score(diff, up, down, scale: float, *, diff_norm: float, samples: int 
     ----------
     diff : array, shape (d, k)
         A = W_aligned − W_unaligned.
-    up : array, shape (d, r)
-    down : array, shape (r, k)
+    up, down : arrays, shapes (d, r) and (r, k)
     scale : float
     diff_norm : float
         ‖A‖_F.
-    samples : int
-        Number of reference rotations n (≥ 2).
-    seed : int
-        Seed of the rotations (:func:`reference_probes`).
+    samples, seed : int
+        Number n (≥ 2) and seed of the reference rotations (:func:`reference_probes`).
     xp : array namespace
 
     Returns
@@ -82,22 +123,12 @@ def ediem_score(diff, up, down, scale: float, *, diff_norm: float, samples: int 
 
     Notes
     -----
-    Two passes over A of width r + n·min(d, r): O(d k (r + n m)); memory (d + k)(r + n m)
-    numbers. Per sample j, with T_j = R_j⁻¹ K and m = min(d, r),
-
-        d_j = ‖(A Aᵀ G_j / a − G_j) T_j‖_F,
-        d_j² − ‖Y‖² = ‖(A Aᵀ G_j) T_j‖² / a² − 2 ‖(Aᵀ G_j) T_j‖² / a  =: g_j,
-
-    and the same for the observed update with U R_Vᵀ in place of G_j T_j. The spread is
-    taken from d_j − d = (g_j − g) / (d_j + d) where that carries less rounding than the
-    plain difference — for a small C, whose d_j differ from ‖ΔW‖ in their fifth digit or
-    later — and from d_j − d itself where C ΔW ≈ ΔW.
+    Two passes over A of width r + n·min(d, r); the distances and their rounding: SPEC.md §7.2.
     """
     if samples < 2:
         raise ValueError("E-DIEM needs at least 2 reference samples")
     diff_norm, scale = float(diff_norm), float(scale)
-    d = up.shape[0]
-    m = min(d, up.shape[1])
+    d, m = up.shape[0], min(up.shape)
     r_factor = down_factor(down, xp)  # r × min(k, r)
     _, r_up = xp.linalg.qr(up)  # m × r
     core = r_up @ r_factor  # K, m × min(k, r)
@@ -114,45 +145,17 @@ def ediem_score(diff, up, down, scale: float, *, diff_norm: float, samples: int 
     block = xp.concat([up, xp.reshape(xp.permute_dims(probes, (1, 0, 2)), (d, samples * m))], axis=1)
     first, second = two_passes(diff, block, xp)
     r = up.shape[1]
-
-    # the observed update: d from the d × r residual (no cancellation when C ΔW ≈ ΔW)
-    along = sumsq(first[:, :r] @ r_factor, xp)
-    proj = sumsq(second[:, :r] @ r_factor, xp)
-    excess = proj / diff_norm**2 - 2.0 * along / diff_norm  # d² − ‖Y‖²
-    observed = math.sqrt(sumsq((second[:, :r] / diff_norm - up) @ r_factor, xp))
-
-    # the reference: T_j = R_j⁻¹ K with R_j the Cholesky factor of G_jᵀ G_j, Q_j = G_j R_j⁻¹
-    gram = transpose(probes, xp) @ probes  # (n, m, m)
-    upper = transpose(xp.linalg.cholesky(gram), xp)
-    turn = xp.linalg.inv(upper) @ core  # (n, m, m')
-    first_j = xp.permute_dims(xp.reshape(first[:, r:], (first.shape[0], samples, m)), (1, 0, 2))
-    second_j = xp.permute_dims(xp.reshape(second[:, r:], (d, samples, m)), (1, 0, 2))
-    moved = (second_j / diff_norm - probes) @ turn  # (C − I) Q_j K
-    first_j = first_j @ turn
-    second_j = second_j @ turn
-    along_j = xp.sum(xp.reshape(first_j * first_j, (samples, -1)), axis=1)
-    proj_j = xp.sum(xp.reshape(second_j * second_j, (samples, -1)), axis=1)
-    excess_j = proj_j / diff_norm**2 - 2.0 * along_j / diff_norm
-    distances = xp.sqrt(xp.sum(xp.reshape(moved * moved, (samples, -1)), axis=1))
+    observed, along, proj, excess = _observed(first[:, :r], second[:, :r], up, r_factor, diff_norm, xp)
+    ref = _reference(first[:, r:], second[:, r:], probes, core, diff_norm, xp)
     # d_j − d two ways, each where its rounding error is the smaller: directly (error ~ ε‖Y‖),
     # or as (g_j − g) / (d_j + d) (error ~ ε (|terms of g_j| + |terms of g|) / (d_j + d))
-    size = proj_j / diff_norm**2 + 2.0 * along_j / diff_norm
-    terms = size + (proj / diff_norm**2 + 2.0 * along / diff_norm)
-    total = distances + observed
-    via_g = xp.where(total > 0, excess_j - excess, 0.0) / xp.where(total > 0, total, 1.0)
-    gap = xp.where(terms < total * distance, via_g, distances - observed)
+    terms = ref["size"] + (proj / diff_norm**2 + 2.0 * along / diff_norm)
+    total = ref["distances"] + observed
+    via_g = xp.where(total > 0, ref["excess"] - excess, 0.0) / xp.where(total > 0, total, 1.0)
+    gap = xp.where(terms < total * distance, via_g, ref["distances"] - observed)
     gap_mean = float(xp.mean(gap))
     gap_std = float(xp.std(gap, correction=1))
-
-    # rounding-level spread: the same distance for every rotation (d = 1, C ∝ I)
-    noise = 16.0 * float(xp.finfo(diff.dtype).eps) * math.sqrt(max(d, diff.shape[1])) * float(xp.max(size))
-    spread = float(xp.std(excess_j, correction=1))
-    if not all(math.isfinite(v) for v in (gap_mean, gap_std, observed, spread)):
-        score = math.nan
-    elif spread <= noise or gap_std == 0.0:
-        score = 0.0
-    else:
-        score = -gap_mean / gap_std
+    score = _standardised(gap_mean, gap_std, observed, ref, diff, xp)
     s = abs(scale)
     return EDiemScore(score=score, distance=s * observed, mean=s * (observed + gap_mean), std=s * gap_std,
                       samples=samples)

@@ -42,7 +42,7 @@ from .io.index import TensorIndex
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, safetensors_header, write_atomic_stream
-from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError
 from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors, checked_meta, layout,
                             verified_digest)
 from .sketch import Sketch, dominant_basis
@@ -131,8 +131,8 @@ def _selected(index: TensorIndex, include, exclude) -> list[str]:
 
 
 def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_EXCLUDE,
-                  oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS, seed: int = 0, exact: bool = False,
-                  force: bool = False, progress: bool = False) -> dict:
+                  oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS, seed: int = 0,
+                  exact: bool = False, force: bool = False, progress: bool = False) -> dict:
     """Write the profile of ``base`` to ``output``; return a summary.
 
     Parameters
@@ -150,47 +150,17 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
         The sketch, as for :func:`ddiscan.scan`.
     """
     if max_t < 1:
-        raise UsageError("--max-t must be at least 1")
+        raise OptionError("{max_t} must be at least 1", "max_t")
     if Path(output).suffix != SUFFIX:
         raise UsageError(f"{output}: a profile's name must end in {SUFFIX}")
     index = TensorIndex(base)
     keys = _selected(index, tuple(include), tuple(exclude))
     if not keys:
         raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")
-    dtype = np.float64 if exact else np.float32
     sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
     bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
-    computed: dict[str, dict] = {}
-
-    def compute(key: str) -> dict:
-        """Sketch one weight, once, when the writer reaches its first entry."""
-        if key not in computed:
-            computed.clear()  # the previous weight's arrays are written: drop them
-            w0, norm = widen(index.mapped(key), dtype, encoding=index.info(key).dtype)
-            w0 = w0.reshape(w0.shape[0], -1)
-            t = min(max_t, *w0.shape)
-            if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
-                left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
-            else:
-                left, right = dominant_basis(w0, t=t, sketch=sketch, xp=np, right=True)
-            computed[key] = {"left": left, "right": right, "norm": np.array([norm])}
-            bar.update()
-        return computed[key]
-
-    def part(key: str, name: str, dtype_: str):
-        return lambda: iter([np.ascontiguousarray(compute(key)[name], dtype=dtype_).tobytes()])
-
-    weights, entries = {}, []
-    for key in keys:
-        info = index.info(key)
-        rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
-        t = min(max_t, rows, cols)
-        weights[key] = {"shape": list(info.shape), "dtype": info.dtype}
-        entries += [
-            SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, part(key, "left", "<f4")),
-            SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, part(key, "right", "<f4")),
-            SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, part(key, "norm", "<f8")),
-        ]
+    sketched = _Sketched(index, max_t, sketch, np.float64 if exact else np.float32, bar)
+    weights, entries = _layout(index, keys, max_t, sketched)
     meta = {
         "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t, "oversample": oversample,
         "power_iters": power_iters, "seed": seed, "exact": exact, "weights": weights,
@@ -202,6 +172,48 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
     size = Path(output).stat().st_size
     base_size = sum(p.stat().st_size for p in index.files)
     return {"weights": len(keys), "size": size, "base_size": base_size}
+
+
+class _Sketched:
+    """Each weight's bases and norm, computed once, when the writer reaches its first
+    entry; the previous weight's arrays are dropped then (they are written)."""
+
+    def __init__(self, index: TensorIndex, max_t: int, sketch: Sketch, dtype, bar):
+        self.index, self.max_t, self.sketch, self.dtype, self.bar = index, max_t, sketch, dtype, bar
+        self.computed: dict[str, dict] = {}
+
+    def __call__(self, key: str) -> dict:
+        if key not in self.computed:
+            self.computed.clear()
+            w0, norm = widen(self.index.mapped(key), self.dtype, encoding=self.index.info(key).dtype)
+            w0 = w0.reshape(w0.shape[0], -1)
+            t = min(self.max_t, *w0.shape)
+            if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
+                left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
+            else:
+                left, right = dominant_basis(w0, t=t, sketch=self.sketch, xp=np, right=True)
+            self.computed[key] = {"left": left, "right": right, "norm": np.array([norm])}
+            self.bar.update()
+        return self.computed[key]
+
+    def part(self, key: str, name: str, dtype: str):
+        return lambda: iter([np.ascontiguousarray(self(key)[name], dtype=dtype).tobytes()])
+
+
+def _layout(index: TensorIndex, keys, max_t: int, sketched: _Sketched) -> tuple[dict, list[SafetensorsEntry]]:
+    """The profile's weight listing and its tensors (left and right bases, norm) per key."""
+    weights, entries = {}, []
+    for key in keys:
+        info = index.info(key)
+        rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
+        t = min(max_t, rows, cols)
+        weights[key] = {"shape": list(info.shape), "dtype": info.dtype}
+        entries += [
+            SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, sketched.part(key, "left", "<f4")),
+            SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, sketched.part(key, "right", "<f4")),
+            SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, sketched.part(key, "norm", "<f8")),
+        ]
+    return weights, entries
 
 
 def _write_profile(output, entries: list[SafetensorsEntry], metadata: dict, *, force: bool) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UsageError
+from .options import OptionError
 from .report import SCORES, ModuleScore, Report, score
 
 __all__ = ["Selection", "select"]
@@ -54,22 +54,30 @@ def select(modules, *, top: int | None = None, theta: float | None = None,
         Every module with DDI_norm ≥ ``theta_norm`` (DDI only).
     method : {"ddi", "safelora", "splora"}
     """
-    rules = {"top": top, "theta": theta, "theta_norm": theta_norm}
+    rule, value = _rule(method, top=top, theta=theta, theta_norm=theta_norm)
+    ranked = [m for m in Report.ranked(modules, method) if m.finite]
+    return Selection(rule, value, tuple(_chosen(ranked, rule, value, method)), method)
+
+
+def _rule(method: str, **rules) -> tuple[str, float]:
+    """The one rule given, and its value, or the OptionError that says what is wrong."""
     given = {k: v for k, v in rules.items() if v is not None}
     if len(given) != 1:
-        raise UsageError("give exactly one of --top, --theta, --theta-norm")
+        raise OptionError("give exactly one of {top}, {theta}, {theta_norm}", "top", "theta", "theta_norm")
     (rule, value), = given.items()
     if rule == "top" and value < 0:
-        raise UsageError("--top must be non-negative")
+        raise OptionError("{top} must be non-negative", "top")
     if rule == "theta_norm" and method != "ddi":
-        raise UsageError("--theta-norm selects on DDI_norm; use --theta or --top with this method")
-    ranked = [m for m in Report.ranked(modules, method) if m.finite]
+        raise OptionError("{theta_norm} selects on DDI_norm; use {theta} or {top} with this method",
+                          "theta_norm", "theta", "top")
+    return rule, value
+
+
+def _chosen(ranked: list[ModuleScore], rule: str, value: float, method: str) -> list[ModuleScore]:
     if rule == "top":
-        chosen = ranked[: int(value)]
-    elif rule == "theta_norm":
-        chosen = [m for m in ranked if m.ddi_norm >= value]
-    elif SCORES[method][2]:
-        chosen = [m for m in ranked if score(m, method) <= value]
-    else:
-        chosen = [m for m in ranked if score(m, method) >= value]
-    return Selection(rule, value, tuple(chosen), method)
+        return ranked[: int(value)]
+    if rule == "theta_norm":
+        return [m for m in ranked if m.ddi_norm >= value]
+    if SCORES[method][2]:  # a low score is suspect (SafeLoRA's cosine)
+        return [m for m in ranked if score(m, method) <= value]
+    return [m for m in ranked if score(m, method) >= value]

@@ -237,11 +237,9 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
     Notes
     -----
     Reads W0 2 + 2 · ``power_iters`` times; each pass costs O(d k (t + q)) and is all
-    the work that scales with W0. The rest is kept off that scale: orthonormalisation
-    is Cholesky QR [2]_ (O(d (t+q)²), where Householder
-    QR costs several times more on tall-skinny blocks), and Ũ comes from the
-    (t+q) × (t+q) eigenproblem of Bₛ Bₛᵀ, whose eigenvectors are Bₛ's left singular
-    vectors, instead of an SVD of the (t+q) × k matrix Bₛ.
+    the work that scales with W0. Orthonormalisation is Cholesky QR [2]_ (O(d (t+q)²),
+    several times cheaper than Householder QR on tall-skinny blocks), and Ũ comes from
+    the (t+q)² eigenproblem of Bₛ Bₛᵀ instead of an SVD of the (t+q) × k matrix Bₛ.
 
     References
     ----------
