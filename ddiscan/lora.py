@@ -96,6 +96,8 @@ class LoraModule:
 
 # ---------------------------------------------------------------------------------------
 # Putting it together
+
+
 @dataclass
 class _Findings:
     """What matching says beside the modules: tensors passed over, warnings, LoRA pairs
@@ -264,6 +266,8 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
 
 # ---------------------------------------------------------------------------------------
 # Tensors of one module
+
+
 def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray, np.ndarray]:
     """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
     up = np.asarray(file.array(module.up_key), dtype=np.float64)
