@@ -91,7 +91,7 @@ def remove_stale_temps(path) -> list[Path]:
     return removed
 
 
-def _resolve(path: Path) -> Path:
+def resolve(path: Path) -> Path:
     """``path.resolve()``, or the absolute path where links loop (Python < 3.13 raises
     RuntimeError there, later ones OSError)."""
     try:
@@ -102,7 +102,7 @@ def _resolve(path: Path) -> Path:
 
 def _same(a: Path, b: Path) -> bool:
     try:
-        return _resolve(a) == _resolve(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+        return resolve(a) == resolve(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
 
@@ -117,8 +117,8 @@ def refuse_input_as_output(output, inputs, *, replaces_directory: bool = False) 
     for given in inputs:
         path = Path(given)
         if (
-            _same(out, path) or (path.is_dir() and _resolve(out).is_relative_to(_resolve(path)))
-            or (replaces_directory and _resolve(path).is_relative_to(_resolve(out)))
+            _same(out, path) or (path.is_dir() and resolve(out).is_relative_to(resolve(path)))
+            or (replaces_directory and resolve(path).is_relative_to(resolve(out)))
         ):
             raise UsageError(f"{output}: the output path is an input ({given}); choose another")
 
