@@ -80,6 +80,23 @@ def _is_number(value) -> bool:
 def _report_problem(data) -> str | None:
     """What makes ``data`` unusable as a report to prune from (None when nothing does):
     every field selection and rewriting read, with its JSON type."""
+    problem = _header_problem(data)
+    if problem is not None:
+        return problem
+    rows = data["modules"]
+    required = {f.name for f in dataclasses.fields(ModuleScore) if f.default is dataclasses.MISSING}
+    needed = (SCORES[data["method"]][0], *(("ddi_norm",) if data["method"] == "ddi" else ()))
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        problem = _row_problem(row, required, needed, names)
+        if problem is not None:
+            return f"modules[{i}]{problem}"
+        names.add(row["name"])
+    return None
+
+
+def _header_problem(data) -> str | None:
+    """The report's top level: an object with a known method, its inputs, parameters and modules."""
     if not isinstance(data, dict):
         return "not a JSON object"
     if data.get("method") not in SCORES:
@@ -93,23 +110,23 @@ def _report_problem(data) -> str | None:
     rows = data.get("modules")
     if not isinstance(rows, list) or not rows:
         return "no modules"
-    fields_ = {f.name for f in dataclasses.fields(ModuleScore) if f.default is dataclasses.MISSING}
-    names = set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not fields_ <= row.keys():
-            return f"modules[{i}] is not a module row"
-        if not isinstance(row["name"], str) or not isinstance(row["finite"], bool) or row["name"] in names:
-            return f"modules[{i}]: name must be a unique string and finite a boolean"
-        names.add(row["name"])
-        for name in _INT_FIELDS:
-            if not (isinstance(row[name], int) and not isinstance(row[name], bool)):
-                return f"modules[{i}].{name} must be an integer"
-        for name in _NUMBER_FIELDS:
-            if row.get(name) is not None and not _is_number(row[name]):
-                return f"modules[{i}].{name} must be a finite number or null"
-        needed = (SCORES[data["method"]][0], *(("ddi_norm",) if data["method"] == "ddi" else ()))
-        if row["finite"] and any(row.get(name) is None for name in needed):
-            return f"modules[{i}]: a finite module without its {'/'.join(needed)}"
+    return None
+
+
+def _row_problem(row, required: set[str], needed: tuple[str, ...], names: set[str]) -> str | None:
+    """What is wrong with one module row (the text after ``modules[i]``), or None."""
+    if not isinstance(row, dict) or not required <= row.keys():
+        return " is not a module row"
+    if not isinstance(row["name"], str) or not isinstance(row["finite"], bool) or row["name"] in names:
+        return ": name must be a unique string and finite a boolean"
+    for name in _INT_FIELDS:
+        if not (isinstance(row[name], int) and not isinstance(row[name], bool)):
+            return f".{name} must be an integer"
+    for name in _NUMBER_FIELDS:
+        if row.get(name) is not None and not _is_number(row[name]):
+            return f".{name} must be a finite number or null"
+    if row["finite"] and any(row.get(name) is None for name in needed):
+        return f": a finite module without its {'/'.join(needed)}"
     return None
 
 
