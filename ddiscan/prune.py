@@ -14,6 +14,7 @@ from .io.index import TensorIndex
 from . import methods
 from .io.convert import frobenius
 from .io.jsonfile import read_json
+from .options import OptionError
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import SCORES, ModuleScore, Report
 from .rewrite import rewrite_adapter
@@ -161,7 +162,7 @@ def _dora_norm(module, w0: np.ndarray) -> np.ndarray:
 def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) -> dict[str, np.ndarray]:
     """SafeLoRA's rewrite for the modules in ``names``: lora_B ← C·lora_B, so ΔW ← C·ΔW."""
     if base is None or aligned is None or unaligned is None:
-        raise UsageError("--mode project needs BASE, --aligned and --unaligned")
+        raise OptionError("{mode} project needs {base}, {aligned} and {unaligned}", "mode", "base", "aligned", "unaligned")
     index = base if isinstance(base, TensorIndex) else TensorIndex(base)
     pair = (TensorIndex(aligned), TensorIndex(unaligned))
     modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
@@ -194,7 +195,7 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     if from_report is not None:
         report = load_report(from_report, adapter_obj)
     elif base is None:
-        raise UsageError("give BASE, or --from-report REPORT")
+        raise OptionError("give {base}, or {from_report}", "base", "from_report")
     else:
         # the rule's options, checked before the scan
         select((), top=top, theta=theta, theta_norm=theta_norm, method=scan_options.get("method", "ddi"))

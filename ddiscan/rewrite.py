@@ -27,8 +27,9 @@ from ._version import __version__
 from .errors import InputError, UsageError
 from .io.adapterdir import write_directory
 from .io.reader import SafetensorsFile, sha256, stored_as
-from .io.writer import SafetensorsEntry, write_safetensors
+from .io.writer import SafetensorsEntry, literal, write_safetensors
 from .lora import Adapter, module_keys
+from .options import OptionError
 
 __all__ = ["rewrite_adapter", "MODES"]
 
@@ -128,7 +129,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         ``warnings``: the entries of the adapter directory not copied, and why.
     """
     if mode not in MODES:
-        raise UsageError(f"--mode must be one of {', '.join(MODES)}")
+        raise OptionError(f"{{mode}} must be one of {', '.join(MODES)}", "mode")
     file = adapter.file
     keys = module_keys(file)
     unknown = [n for n in pruned if n not in keys]
@@ -136,7 +137,7 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
     plan = _plan(file, keys, pruned, mode, replacements or {})
     if mode == "drop" and len(pruned) == len(keys):
-        raise UsageError("--mode drop would remove every LoRA module; use --mode zero")
+        raise OptionError("{mode} drop would remove every LoRA module; use {mode} zero", "mode")
     factor_keys = {k for ks in keys.values() for k in ks["factors"]}
     total = sum(file.tensors[k].numel for k in factor_keys)
     removed = 0 if mode == "project" else sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
@@ -186,7 +187,7 @@ def _plan(file: SafetensorsFile, keys: dict, pruned: list[str], mode: str, repla
         elif mode == "project":
             new = [k for k in factors if k in replacements]
             if len(new) != 1:
-                raise UsageError(f"{name}: --mode project needs the projected factor of this module")
+                raise OptionError(f"{literal(name)}: {{mode}} project needs the projected factor of this module", "mode")
             plan.replaced[new[0]] = replacements[new[0]]
         else:
             plan.zeroed.update(factors)

@@ -14,10 +14,11 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError, OutputError, UsageError
+from ..options import OptionError
 from .reader import SafetensorsFile, note_input, open_regular
 from .writer import (
-    OLD_SUFFIX, TEMP_SUFFIX, check_output, default_mode, fsync_directory, remove_stale_temps, resolve, temp_prefix,
-    write_atomic, write_safetensors,
+    OLD_SUFFIX, TEMP_SUFFIX, check_output, default_mode, fsync_directory, literal, remove_stale_temps, resolve,
+    temp_prefix, write_atomic, write_safetensors,
 )
 
 __all__ = ["write_directory"]
@@ -64,7 +65,7 @@ def _check_target(adapter_dir: Path, output: Path, force: bool) -> None:
     if resolve(Path.cwd()).is_relative_to(resolve(output)):
         raise UsageError(f"{output}: is the current directory (or holds it); choose another output")
     if output.exists() and not force:
-        raise UsageError(f"{output}: exists (use --force to replace it)")
+        raise OptionError(f"{literal(output)}: exists (use {{force}} to replace it)", "force")
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
 
@@ -141,8 +142,8 @@ def _check_replaceable(output: Path, weights: str) -> None:
     ddiscan's metadata, whose ``ddiscan.files`` lists every entry the directory holds, each
     a regular file. ``--force`` never removes anything else."""
     def refuse(why: str):
-        raise UsageError(f"{output}: exists and {why}; --force replaces only an adapter directory ddiscan wrote "
-                         "(choose another output)")
+        raise OptionError(f"{literal(output)}: exists and {literal(why)}; {{force}} replaces only an adapter "
+                          "directory ddiscan wrote (choose another output)", "force")
 
     try:
         meta = SafetensorsFile(output / weights, record=False).metadata or {}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from ..options import OptionError
 from .reader import inputs_read
 
 __all__ = [
@@ -161,6 +162,12 @@ def check_output(output, extra_inputs=(), *, replaces_directory: bool = False) -
             record.file.check_unchanged()
 
 
+def literal(text) -> str:
+    """``text`` as it reads in an :class:`~ddiscan.options.OptionError` template (braces
+    doubled: a path or key is shown as is, never read as a parameter's place)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 def write_atomic(path, data: bytes, *, force: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`write_atomic_stream`)."""
     write_atomic_stream(path, lambda f: f.write(data), force=force)
@@ -178,7 +185,7 @@ def write_atomic_stream(path, fill, *, force: bool = True) -> None:
     path = Path(path)
     check_output(path)
     if not force and path.exists():
-        raise UsageError(f"{path}: exists (use --force to replace it)")
+        raise OptionError(f"{literal(path)}: exists (use {{force}} to replace it)", "force")
     if path.is_dir():
         raise OutputError(f"{path}: cannot write (is a directory)")
     directory = path.parent if str(path.parent) else Path(".")
