@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .hubcache import expand, hub_cache_dir, one_line, shown, snapshot_choice
 from .io.index import TensorIndex
 
 __all__ = ["Located", "find_base", "base_model_name", "hub_cache_dir", "PROFILE_SUFFIX", "PROFILES_ENV"]
@@ -50,7 +51,6 @@ PROFILES_ENV = "DDISCAN_PROFILES"
 # and '.' (each part starting and ending with a word character), no '--' or '..', at most
 # 96 characters
 _REPO_ID = re.compile(r"^(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?$")
-_PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth")
 # a branch or tag name (path-like parts of word characters, '.' and '-'), or a commit hash
 _REVISION = re.compile(r"^[\w.-]+(?:/[\w.-]+)*$")
 
@@ -115,51 +115,13 @@ def _base_reference(adapter_path) -> tuple[str, str | None]:
 # Environment
 
 
-def _expand(value: str, env) -> str:
-    """``~`` and ``$VAR``/``${VAR}`` expanded from ``env`` (as huggingface_hub expands them)."""
-
-    def var(match: re.Match) -> str:
-        name = match.group(1) or match.group(2)
-        return env[name] if name in env else match.group(0)
-
-    value = re.sub(r"\$(?:(\w+)|\{([^}]*)\})", var, value)
-    if value == "~" or value.startswith("~/") or value.startswith("~" + os.sep):
-        home = env.get("HOME") or os.path.expanduser("~")
-        value = home + value[1:]
-    elif value.startswith("~"):
-        value = os.path.expanduser(value)
-    return value
-
-
-def _home(env) -> str:
-    return env.get("HOME") or os.path.expanduser("~")
-
-
-def hub_cache_dir(env=None) -> tuple[Path, str]:
-    """The Hugging Face hub cache directory and the setting it came from.
-
-    Same precedence as ``huggingface_hub.constants``: ``HF_HUB_CACHE``, then
-    ``HUGGINGFACE_HUB_CACHE``, then ``$HF_HOME/hub``, then
-    ``$XDG_CACHE_HOME/huggingface/hub``, then ``~/.cache/huggingface/hub``.
-    """
-    env = os.environ if env is None else env
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(var):
-            return Path(_expand(env[var], env)), var
-    if env.get("HF_HOME"):
-        return Path(_expand(env["HF_HOME"], env)) / "hub", "HF_HOME"
-    if env.get("XDG_CACHE_HOME"):
-        return Path(_expand(env["XDG_CACHE_HOME"], env)) / "huggingface" / "hub", "XDG_CACHE_HOME"
-    return Path(_home(env)) / ".cache" / "huggingface" / "hub", "default"
-
-
 def _profile_dirs(profiles, env) -> list[tuple[Path, str]]:
     dirs: list[tuple[Path, str]] = []
     for d in profiles or ():
-        dirs.append((Path(_expand(os.fspath(d), env)), "--profiles"))
+        dirs.append((Path(expand(os.fspath(d), env)), "--profiles"))
     for d in (env.get(PROFILES_ENV) or "").split(os.pathsep):
         if d.strip():
-            dirs.append((Path(_expand(d.strip(), env)), PROFILES_ENV))
+            dirs.append((Path(expand(d.strip(), env)), PROFILES_ENV))
     return dirs
 
 
@@ -167,17 +129,8 @@ def _profile_dirs(profiles, env) -> list[tuple[Path, str]]:
 # Candidates
 
 
-def _one_line(text: str) -> str:
-    return " ".join(_shown(text).split())
-
-
-def _shown(text) -> str:
-    """``text`` with control characters escaped (as repr writes them), for a message."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
-
-
 def _untrusted_problem(path: Path) -> str | None:
-    """Like :func:`_checkpoint_problem` for a path named by the adapter's config, which a
+    """Like :func:`checkpoint_problem` for a path named by the adapter's config, which a
     stranger may have written: the reason is in general words, never a listing of the
     directory or text derived from the file's bytes (``/etc``, ``/etc/passwd``)."""
     if not (path.is_dir() or path.is_file()):
@@ -190,26 +143,6 @@ def _untrusted_problem(path: Path) -> str | None:
         return (type(exc).__doc__ or "unreadable").strip().splitlines()[0].rstrip(".").lower()
     except OSError:
         return "unreadable"
-    return None
-
-
-def _checkpoint_problem(path: Path) -> str | None:
-    """None if ``path`` opens as a base checkpoint; otherwise why not, in a few words."""
-    if path.is_dir():
-        has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-        if not has_weights:
-            pickles = sorted(p.name for g in _PICKLE_GLOBS for p in path.glob(g))
-            if pickles:
-                return f"no .safetensors weights, only {', '.join(pickles[:3])}"
-            present = sorted(p.name for p in path.iterdir())
-            listed = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
-            return f"no .safetensors weights ({'only ' + listed if present else 'empty'})"
-    try:
-        TensorIndex(path)
-    except InputError as exc:
-        return _one_line(exc)
-    except OSError as exc:
-        return _one_line(exc.strerror or exc)
     return None
 
 
@@ -226,68 +159,6 @@ def _local_candidates(name: str, adapter_path: Path, cwd: Path) -> list[Path]:
         if candidate not in out:
             out.append(candidate)
     return out
-
-
-def _hub_snapshot(cache: Path, repo_dir: Path, repo_id: str, revision: str) -> tuple[Path | None, str]:
-    """The snapshot huggingface_hub resolves ``revision`` to in ``cache``, without network,
-    or None and why not."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
-    except (OSError, ValueError) as exc:  # LocalEntryNotFoundError is a FileNotFoundError
-        if type(exc).__name__ == "IncompleteSnapshotError":
-            return None, _one_line(exc)
-        return None, ""
-    snapshots_dir = repo_dir / "snapshots"
-    if os.path.abspath(folder.parent) != os.path.abspath(snapshots_dir):
-        return None, f"refs/{revision} points outside {snapshots_dir}"
-    return snapshots_dir / folder.name, ""
-
-
-def _snapshot_choice(repo_dir: Path, cache: Path, repo_id: str, revision: str | None,
-                     warnings: list[str]) -> tuple[Path | None, str]:
-    """The snapshot to use in ``repo_dir`` (or None) and a note on how it was chosen / why none."""
-    snapshots_dir = repo_dir / "snapshots"
-    snapshots = sorted(p for p in snapshots_dir.iterdir() if p.is_dir()) if snapshots_dir.is_dir() else []
-    if not snapshots:
-        return None, "no snapshots"
-    label = f"revision {revision!r} of the adapter's config" if revision else "refs/main"
-    snapshot, why = _hub_snapshot(cache, repo_dir, repo_id, revision or "main")
-    if snapshot is not None:
-        how = f"snapshot {snapshot.name[:12]} ({label})"
-        problem = _checkpoint_problem(snapshot)
-        return (None, f"{how}: {problem}") if problem else (snapshot, how)
-    if revision is not None or why:  # a named revision is that one or none
-        present = ", ".join(p.name[:12] for p in snapshots)
-        return None, f"{label}: {why or f'not in this cache (snapshots present: {present})'}"
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        try:
-            commit = ref.read_text(encoding="utf-8", errors="replace").strip()
-        except OSError as exc:
-            commit = "(unreadable)"
-            warnings.append(f"{ref}: unreadable ({_one_line(exc.strerror or exc)})")
-        warnings.append(f"{ref} names {commit[:12]!r}, which is not in {snapshots_dir}; choosing among the snapshots present")
-    usable, problems = [], []
-    for snapshot in snapshots:
-        problem = _checkpoint_problem(snapshot)
-        if problem:
-            problems.append(f"snapshot {snapshot.name[:12]}: {problem}")
-        else:
-            usable.append(snapshot)
-    if not usable:
-        return None, "; ".join(problems)
-    if len(usable) == 1:
-        if problems:
-            warnings.append(f"{repo_dir.name}: skipped " + "; ".join(problems))
-        return usable[0], f"snapshot {usable[0].name[:12]}"
-    newest = max(usable, key=lambda p: (p.stat().st_mtime, p.name))
-    warnings.append(
-        f"{repo_dir}: {len(usable)} snapshots with weights and no refs/main; using the most recently "
-        f"modified, {newest.name[:12]} (pass BASE to choose another)"
-    )
-    return newest, f"snapshot {newest.name[:12]} (most recently modified of {len(usable)}, no refs/main)"
 
 
 def _profile_names(name: str) -> list[str]:
@@ -341,49 +212,71 @@ def find_base(adapter_path, *, profiles=None, env=None, cwd=None) -> Located:
     adapter_path = Path(adapter_path)
     cwd = Path(os.path.abspath(cwd if cwd is not None else os.getcwd()))
     name, revision = _base_reference(adapter_path)
-    warnings: list[str] = []
-    looked: list[str] = []
+    search = _Search(name)
+    found = (_from_path(search, adapter_path, cwd) or _from_hub_cache(search, revision, env)
+             or _from_profiles(search, profiles, env))
+    if found is not None:
+        return found
+    raise InputError(one_line(f"no base found for {name!r} (looked in: {', '.join(search.looked)}); pass BASE"))
 
-    # 1. a local path
-    for candidate in _local_candidates(name, adapter_path, cwd):
+
+@dataclass
+class _Search:
+    """The name looked for, every place looked in (for the error) and the warnings so far."""
+
+    name: str
+    looked: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def found(self, path: Path, source: str, detail: str) -> Located:
+        return Located(path, source, self.name, detail, tuple(self.warnings))
+
+
+def _from_path(search: _Search, adapter_path: Path, cwd: Path) -> Located | None:
+    """1. the name as a local path"""
+    for candidate in _local_candidates(search.name, adapter_path, cwd):
         if not candidate.exists():
-            looked.append(_shown(candidate))
+            search.looked.append(shown(candidate))
             continue
         problem = _untrusted_problem(candidate)
         if problem is None:
-            return Located(candidate, "path", name, f"local path {_shown(candidate)}", tuple(warnings))
-        looked.append(f"{_shown(candidate)} ({problem})")
-        warnings.append(f"{_shown(candidate)} exists but is not a usable base: {problem}")
+            return search.found(candidate, "path", f"local path {shown(candidate)}")
+        search.looked.append(f"{shown(candidate)} ({problem})")
+        search.warnings.append(f"{shown(candidate)} exists but is not a usable base: {problem}")
+    return None
 
-    # 2. the Hugging Face hub cache
+
+def _from_hub_cache(search: _Search, revision: str | None, env) -> Located | None:
+    """2. the Hugging Face hub cache"""
     cache, setting = hub_cache_dir(env)
-    if _is_repo_id(name):
-        repo_dir = cache / ("models--" + name.replace("/", "--"))
-        if not repo_dir.is_dir():
-            looked.append(str(repo_dir))
-        else:
-            snapshot, how = _snapshot_choice(repo_dir, cache, name, revision, warnings)
-            if snapshot is not None:
-                detail = f"Hugging Face cache ({setting}) {repo_dir}, {how}"
-                return Located(snapshot, "hf-cache", name, detail, tuple(warnings))
-            looked.append(f"{repo_dir} ({how})")
-            warnings.append(f"{repo_dir}: skipped, {how}")
-    else:
-        looked.append(f"Hugging Face cache {cache} (skipped: {name!r} is not a Hub repo id)")
+    name = search.name
+    if not _is_repo_id(name):
+        search.looked.append(f"Hugging Face cache {cache} (skipped: {name!r} is not a Hub repo id)")
+        return None
+    repo_dir = cache / ("models--" + name.replace("/", "--"))
+    if not repo_dir.is_dir():
+        search.looked.append(str(repo_dir))
+        return None
+    snapshot, how = snapshot_choice(repo_dir, cache, name, revision, search.warnings)
+    if snapshot is not None:
+        return search.found(snapshot, "hf-cache", f"Hugging Face cache ({setting}) {repo_dir}, {how}")
+    search.looked.append(f"{repo_dir} ({how})")
+    search.warnings.append(f"{repo_dir}: skipped, {how}")
+    return None
 
-    # 3. profile directories
+
+def _from_profiles(search: _Search, profiles, env) -> Located | None:
+    """3. profile directories"""
     dirs = _profile_dirs(profiles, env)
-    names = _profile_names(name)
+    names = _profile_names(search.name)
     for file_name in names:
         for directory, origin in dirs:
             candidate = directory / file_name
             if candidate.is_file():
-                detail = f"profile {candidate} (from {origin})"
-                return Located(candidate, "profile", name, detail, tuple(warnings))
+                return search.found(candidate, "profile", f"profile {candidate} (from {origin})")
     if not dirs:
-        looked.append(f"profiles: none given (--profiles, {PROFILES_ENV})")
+        search.looked.append(f"profiles: none given (--profiles, {PROFILES_ENV})")
     else:
         listed = ", ".join(str(d) + ("" if d.is_dir() else " (no such directory)") for d, _ in dirs)
-        looked.append(f"profiles {' or '.join(names)} in {listed}")
-
-    raise InputError(_one_line(f"no base found for {name!r} (looked in: {', '.join(looked)}); pass BASE"))
+        search.looked.append(f"profiles {' or '.join(names)} in {listed}")
+    return None

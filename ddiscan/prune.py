@@ -11,9 +11,10 @@ import numpy as np
 
 from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
-from . import methods
+from . import safelora
 from .io.convert import frobenius
 from .io.jsonfile import read_json
+from .options import OptionError
 from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_modules, orient
 from .report import SCORES, ModuleScore, Report
 from .rewrite import rewrite_adapter
@@ -81,6 +82,23 @@ def _is_number(value) -> bool:
 def _report_problem(data) -> str | None:
     """What makes ``data`` unusable as a report to prune from (None when nothing does):
     every field selection and rewriting read, with its JSON type."""
+    problem = _header_problem(data)
+    if problem is not None:
+        return problem
+    rows = data["modules"]
+    required = {f.name for f in dataclasses.fields(ModuleScore) if f.default is dataclasses.MISSING}
+    needed = (SCORES[data["method"]][0], *(("ddi_norm",) if data["method"] == "ddi" else ()))
+    names: set[str] = set()
+    for i, row in enumerate(rows):
+        problem = _row_problem(row, required, needed, names)
+        if problem is not None:
+            return f"modules[{i}]{problem}"
+        names.add(row["name"])
+    return None
+
+
+def _header_problem(data) -> str | None:
+    """The report's top level: an object with a known method, its inputs, parameters and modules."""
     if not isinstance(data, dict):
         return "not a JSON object"
     if data.get("method") not in SCORES:
@@ -94,23 +112,23 @@ def _report_problem(data) -> str | None:
     rows = data.get("modules")
     if not isinstance(rows, list) or not rows:
         return "no modules"
-    fields_ = {f.name for f in dataclasses.fields(ModuleScore) if f.default is dataclasses.MISSING}
-    names = set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not fields_ <= row.keys():
-            return f"modules[{i}] is not a module row"
-        if not isinstance(row["name"], str) or not isinstance(row["finite"], bool) or row["name"] in names:
-            return f"modules[{i}]: name must be a unique string and finite a boolean"
-        names.add(row["name"])
-        for name in _INT_FIELDS:
-            if not (isinstance(row[name], int) and not isinstance(row[name], bool)):
-                return f"modules[{i}].{name} must be an integer"
-        for name in _NUMBER_FIELDS:
-            if row.get(name) is not None and not _is_number(row[name]):
-                return f"modules[{i}].{name} must be a finite number or null"
-        needed = (SCORES[data["method"]][0], *(("ddi_norm",) if data["method"] == "ddi" else ()))
-        if row["finite"] and any(row.get(name) is None for name in needed):
-            return f"modules[{i}]: a finite module without its {'/'.join(needed)}"
+    return None
+
+
+def _row_problem(row, required: set[str], needed: tuple[str, ...], names: set[str]) -> str | None:
+    """What is wrong with one module row (the text after ``modules[i]``), or None."""
+    if not isinstance(row, dict) or not required <= row.keys():
+        return " is not a module row"
+    if not isinstance(row["name"], str) or not isinstance(row["finite"], bool) or row["name"] in names:
+        return ": name must be a unique string and finite a boolean"
+    for name in _INT_FIELDS:
+        if not (isinstance(row[name], int) and not isinstance(row[name], bool)):
+            return f".{name} must be an integer"
+    for name in _NUMBER_FIELDS:
+        if row.get(name) is not None and not _is_number(row[name]):
+            return f".{name} must be a finite number or null"
+    if row["finite"] and any(row.get(name) is None for name in needed):
+        return f": a finite module without its {'/'.join(needed)}"
     return None
 
 
@@ -145,7 +163,7 @@ def _dora_norm(module, w0: np.ndarray) -> np.ndarray:
 def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) -> dict[str, np.ndarray]:
     """SafeLoRA's rewrite for the modules in ``names``: lora_B ← C·lora_B, so ΔW ← C·ΔW."""
     if base is None or aligned is None or unaligned is None:
-        raise UsageError("--mode project needs BASE, --aligned and --unaligned")
+        raise OptionError("{mode} project needs {base}, {aligned} and {unaligned}", "mode", "base", "aligned", "unaligned")
     index = base if isinstance(base, TensorIndex) else TensorIndex(base)
     pair = (TensorIndex(aligned), TensorIndex(unaligned))
     modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
@@ -155,7 +173,7 @@ def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) ->
             continue
         diff = orient(m, _alignment_update(pair, m.base_key, index.info(m.base_key).shape))
         up, _ = lora_factors(m, adapter.file)
-        projected = methods.project_up(diff, up, diff_norm=frobenius(diff), xp=np)
+        projected = safelora.project_up(diff, up, diff_norm=frobenius(diff), xp=np)
         if m.layout == "embedding":  # up is lora_embedding_Aᵀ
             replaced[m.down_key] = np.asarray(projected).T
         else:
@@ -178,7 +196,7 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     if from_report is not None:
         report = load_report(from_report, adapter_obj)
     elif base is None:
-        raise UsageError("give BASE, or --from-report REPORT")
+        raise OptionError("give {base}, or {from_report}", "base", "from_report")
     else:
         # the rule's options, checked before the scan
         select((), top=top, theta=theta, theta_norm=theta_norm, method=scan_options.get("method", "ddi"))

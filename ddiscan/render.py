@@ -22,7 +22,7 @@ __all__ = ["FORMATS", "COLUMNS", "render", "heatmap"]
 
 FORMATS = ("table", "json", "jsonl", "csv", "markdown")
 COLUMNS = ("rank", "module", "kind", "block", "d", "k", "r", "t", "S", "O", "M_norm", "DDI", "DDI_norm")
-# The other methods (ddiscan.methods) show S and their own score instead of O, M_norm, DDI.
+# The other methods (ddiscan.safelora, ddiscan.ediem) show S and their own score instead of O, M_norm, DDI.
 METHOD_COLUMNS = {method: (("S", "sharpness"), (label, field))
                   for method, (field, label, _) in SCORES.items() if method != "ddi"}
 SHADES = " ░▒▓█"

@@ -7,7 +7,6 @@ base key, shape (d, k), rank and scale of each module are written out by hand.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +16,10 @@ import ddiscan
 import ddiscan.io
 import ddiscan.lora
 import ddiscan.io.reader
-from ddiscan.errors import InputError, MatchError, NoLoraPairs, QuantizedBase, ShapeMismatch
+from ddiscan.errors import InputError, MatchError, NoLoraPairs, ShapeMismatch
 from ddiscan.io import TensorIndex
 
+from matching_helpers import by_name, kohya_keys, match, peft_keys, weights
 from safetensors_builders import (
     HIDDEN,
     KV_DIM,
@@ -27,7 +27,6 @@ from safetensors_builders import (
     VOCAB,
     llama_base_tensors,
     llama_peft_tensors,
-    lora_pair,
     peft_config,
     rng,
     save,
@@ -35,32 +34,6 @@ from safetensors_builders import (
     write_llama_pair,
     write_peft_dir,
 )
-
-
-def match(base, adapter, **kwargs):
-    return ddiscan.lora.match_modules(ddiscan.lora.load_adapter(adapter), TensorIndex(base), **kwargs)
-
-
-def by_name(modules):
-    return {m.name: m for m in modules}
-
-
-def peft_keys(name: str, d: int, k: int, r: int, *, seed: int = 0, prefix: str = "base_model.model.") -> dict:
-    a, b = lora_pair(d, k, r, seed=seed)
-    return {f"{prefix}{name}.lora_A.weight": a, f"{prefix}{name}.lora_B.weight": b}
-
-
-def kohya_keys(name: str, d: int, k: int, r: int, *, alpha: float | None = None, seed: int = 0) -> dict:
-    a, b = lora_pair(d, k, r, seed=seed)
-    tensors = {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b}
-    if alpha is not None:
-        tensors[f"{name}.alpha"] = np.array(alpha, np.float32)
-    return tensors
-
-
-def weights(shapes: dict, *, seed: int = 5, dtype=np.float32) -> dict:
-    g = rng(seed)
-    return {key: g.standard_normal(shape).astype(dtype) for key, shape in shapes.items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -86,12 +59,6 @@ def test_peft_llama_grouped_query(tmp_path):
     assert skipped == [] and warnings == []
 
 
-def test_adapter_given_as_file_uses_sibling_config(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, config=peft_config(4, 16))
-    modules, _, _ = match(base, adapter / "adapter_model.safetensors")
-    assert {m.scale for m in modules} == {4.0}
-
-
 def test_adapter_name_in_keys(tmp_path):
     tensors = llama_peft_tensors(1, 4, adapter_name="default")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in tensors
@@ -112,34 +79,6 @@ def test_two_adapter_names_in_one_file_refused(tmp_path):
     assert "one" in str(info.value) and "two" in str(info.value)
 
 
-def test_base_has_a_prefix_the_adapter_lacks(tmp_path):
-    base = save(tmp_path / "base.safetensors", weights({
-        "bert.encoder.layer.0.attention.self.query.weight": (8, 8),
-        "bert.encoder.layer.0.attention.self.value.weight": (8, 8),
-        "bert.pooler.dense.weight": (8, 8),
-    }))
-    adapter = write_peft_dir(tmp_path / "a", {
-        **peft_keys("encoder.layer.0.attention.self.query", 8, 8, 2),
-        **peft_keys("encoder.layer.0.attention.self.value", 8, 8, 2),
-    }, peft_config(2, 2))
-    modules, _, _ = match(base, adapter)
-    assert [m.base_key for m in modules] == [
-        "bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.attention.self.value.weight",
-    ]
-
-
-def test_adapter_has_a_prefix_the_base_lacks(tmp_path):
-    base = save(tmp_path / "base.safetensors", weights({
-        "encoder.layer.0.attention.self.query.weight": (8, 8),
-        "embeddings.word_embeddings.weight": (20, 8),
-    }))
-    adapter = write_peft_dir(tmp_path / "a", peft_keys("bert.encoder.layer.0.attention.self.query", 8, 8, 2),
-                             peft_config(2, 2))
-    (m,), _, _ = match(base, adapter)
-    assert m.name == "bert.encoder.layer.0.attention.self.query"
-    assert m.base_key == "encoder.layer.0.attention.self.query.weight"
-
-
 def test_ambiguous_base_key_names_both_candidates(tmp_path):
     base = save(tmp_path / "base.safetensors", weights({
         "text.encoder.layer.0.query.weight": (8, 8),
@@ -150,16 +89,6 @@ def test_ambiguous_base_key_names_both_candidates(tmp_path):
         match(base, adapter)
     message = str(info.value)
     assert "text.encoder.layer.0.query.weight" in message and "vision.encoder.layer.0.query.weight" in message
-
-
-def test_exact_key_wins_over_suffix_matches(tmp_path):
-    base = save(tmp_path / "base.safetensors", weights({
-        "encoder.layer.0.query.weight": (8, 8),
-        "other.encoder.layer.0.query.weight": (8, 8),
-    }))
-    adapter = write_peft_dir(tmp_path / "a", peft_keys("encoder.layer.0.query", 8, 8, 2), peft_config(2, 2))
-    (m,), _, _ = match(base, adapter)
-    assert m.base_key == "encoder.layer.0.query.weight"
 
 
 def test_bert_keys(tmp_path):
@@ -192,78 +121,6 @@ def test_bert_keys(tmp_path):
 
 # ---------------------------------------------------------------------------------------
 # GPT-2 Conv1D: weights stored (in, out)
-
-
-def _gpt2_base(tmp_path, *, with_mlp=True):
-    shapes = {
-        "h.0.attn.c_attn.weight": (16, 48),
-        "h.0.attn.c_proj.weight": (16, 16),
-        "h.0.attn.bias": (1, 1, 4, 4),
-        "wte.weight": (50, 16),
-    }
-    if with_mlp:
-        shapes.update({"h.0.mlp.c_fc.weight": (16, 64), "h.0.mlp.c_proj.weight": (64, 16)})
-    return save(tmp_path / "gpt2.safetensors", weights(shapes))
-
-
-def test_gpt2_conv1d_transposed_and_square_c_proj_from_siblings(tmp_path):
-    base = _gpt2_base(tmp_path)
-    tensors = {
-        **peft_keys("transformer.h.0.attn.c_attn", 48, 16, 2, seed=1),
-        **peft_keys("transformer.h.0.attn.c_proj", 16, 16, 2, seed=2),
-        **peft_keys("transformer.h.0.mlp.c_fc", 64, 16, 2, seed=3),
-        **peft_keys("transformer.h.0.mlp.c_proj", 16, 64, 2, seed=4),
-    }
-    # fan_in_fan_out deliberately left out: the evidence must come from the shapes
-    config = {k: v for k, v in peft_config(2, 4).items() if k != "fan_in_fan_out"}
-    adapter = write_peft_dir(tmp_path / "a", tensors, config)
-    modules = by_name(match(base, adapter)[0])
-    assert modules["transformer.h.0.attn.c_attn"].base_key == "h.0.attn.c_attn.weight"
-    for name, (d, k) in {"attn.c_attn": (48, 16), "attn.c_proj": (16, 16), "mlp.c_fc": (64, 16),
-                         "mlp.c_proj": (16, 64)}.items():
-        m = modules[f"transformer.h.0.{name}"]
-        assert (m.d, m.k) == (d, k)
-        assert m.transpose_base, name
-
-
-def test_square_c_proj_alone_with_evidence_from_another_kind(tmp_path):
-    base = _gpt2_base(tmp_path, with_mlp=False)
-    tensors = {**peft_keys("h.0.attn.c_attn", 48, 16, 2, seed=1, prefix="base_model.model."),
-               **peft_keys("h.0.attn.c_proj", 16, 16, 2, seed=2)}
-    config = {k: v for k, v in peft_config(2, 4).items() if k != "fan_in_fan_out"}
-    modules = by_name(match(base, write_peft_dir(tmp_path / "a", tensors, config))[0])
-    assert modules["h.0.attn.c_proj"].transpose_base
-
-
-def test_embedding_lora_is_no_evidence_about_conv1d(tmp_path):
-    # GPT-2 with LoRA on wte (an embedding, stored as is) and the square attn.c_proj (a
-    # Conv1D, stored in × out): an embedding says nothing about whether other layers are
-    # Conv1D, so the adapter's fan_in_fan_out (True, as PEFT writes for GPT-2) must decide.
-    base = _gpt2_base(tmp_path, with_mlp=False)
-    g = rng(7)
-    tensors = {
-        "base_model.model.transformer.wte.lora_embedding_A": g.standard_normal((2, 50)).astype(np.float32),
-        "base_model.model.transformer.wte.lora_embedding_B": g.standard_normal((16, 2)).astype(np.float32),
-        **peft_keys("transformer.h.0.attn.c_proj", 16, 16, 2, seed=2),
-    }
-    adapter = write_peft_dir(tmp_path / "a", tensors, peft_config(2, 4, fan_in_fan_out=True))
-    modules = by_name(match(base, adapter)[0])
-    assert modules["transformer.wte"].layout == "embedding" and not modules["transformer.wte"].transpose_base
-    assert modules["transformer.h.0.attn.c_proj"].transpose_base
-
-
-def test_square_linear_is_not_transposed(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=llama_peft_tensors(1, 4, projs=("q_proj", "o_proj")),
-                                     config=peft_config(4, 8))
-    modules, _, _ = match(base, adapter)
-    assert [m.transpose_base for m in modules] == [False, False]
-
-
-def test_square_weight_follows_fan_in_fan_out_without_evidence(tmp_path):
-    base = save(tmp_path / "b.safetensors", weights({"blocks.0.attn.out.weight": (8, 8)}))
-    adapter = write_peft_dir(tmp_path / "a", peft_keys("blocks.0.attn.out", 8, 8, 2), peft_config(2, 2, fan_in_fan_out=True))
-    (m,), _, _ = match(base, adapter)
-    assert m.transpose_base
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,94 +297,6 @@ def test_diffusers_metadata_not_json(tmp_path):
 # Scaling
 
 
-def test_mergekit_style_rank_pattern(tmp_path):
-    ranks = {"model.layers.0.self_attn.q_proj": 6, "model.layers.1.self_attn.v_proj": 2}
-    tensors = llama_peft_tensors(2, 4, ranks=ranks)
-    config = peft_config(4, 4, rank_pattern=dict(ranks), alpha_pattern=dict(ranks))
-    base, adapter = write_llama_pair(tmp_path, adapter_tensors=tensors, config=config)
-    modules = by_name(match(base, adapter)[0])
-    assert modules["model.layers.0.self_attn.q_proj"].r == 6
-    assert modules["model.layers.1.self_attn.v_proj"].r == 2
-    assert modules["model.layers.1.self_attn.q_proj"].r == 4
-    assert {m.scale for m in modules.values()} == {1.0}
-
-
-def test_rslora(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4, config=peft_config(4, 8, use_rslora=True))
-    modules, _, _ = match(base, adapter)
-    assert [m.scale for m in modules] == pytest.approx([8 / math.sqrt(4)] * 8)
-    assert all("rsLoRA" in m.scale_source or "sqrt" in m.scale_source for m in modules)
-
-
-def test_rank_and_alpha_patterns_follow_peft_rule(tmp_path):
-    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.q_proj": 8}
-    tensors = llama_peft_tensors(2, 4, ranks=ranks)
-    config = peft_config(
-        4, 8,
-        # "q_proj" matches both q_proj modules (end of name, after a dot)
-        rank_pattern={"q_proj": 8},
-        # first matching key wins; "proj" alone matches nothing ("(.*\.)?(proj)$" needs a dot before it);
-        # "layers.1.self_attn.v_proj" matches only that module
-        alpha_pattern={"proj": 1000, "self_attn.q_proj": 64, "q_proj": 2, "layers.1.self_attn.v_proj": 40},
-    )
-    base, adapter = write_llama_pair(tmp_path, adapter_tensors=tensors, config=config)
-    m = by_name(match(base, adapter)[0])
-    assert m["model.layers.0.self_attn.q_proj"].scale == pytest.approx(64 / 8)
-    assert m["model.layers.1.self_attn.q_proj"].scale == pytest.approx(64 / 8)
-    assert m["model.layers.1.self_attn.v_proj"].scale == pytest.approx(40 / 4)
-    assert m["model.layers.0.self_attn.v_proj"].scale == pytest.approx(8 / 4)
-    assert m["model.layers.0.self_attn.k_proj"].scale == pytest.approx(8 / 4)
-
-
-def test_pattern_is_a_regex(tmp_path):
-    config = peft_config(4, 8, alpha_pattern={r"layers\.[01]\.self_attn\.(k|v)_proj": 16})
-    base, adapter = write_llama_pair(tmp_path, config=config)
-    m = by_name(match(base, adapter)[0])
-    assert m["model.layers.1.self_attn.k_proj"].scale == pytest.approx(4.0)
-    assert m["model.layers.0.self_attn.v_proj"].scale == pytest.approx(4.0)
-    assert m["model.layers.0.self_attn.q_proj"].scale == pytest.approx(2.0)
-
-
-def test_config_rank_contradicting_tensors_is_an_error(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4, config=peft_config(8, 16))
-    with pytest.raises(ShapeMismatch) as info:
-        match(base, adapter)
-    assert "r=8" in str(info.value) and "rank 4" in str(info.value)
-
-
-def test_config_without_numeric_r_is_an_error(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4, config={"peft_type": "LORA", "r": "four", "lora_alpha": 8})
-    with pytest.raises(InputError) as info:
-        match(base, adapter)
-    assert "adapter_config.json" in str(info.value)
-
-
-def test_config_not_json(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4)
-    (adapter / "adapter_config.json").write_text("{oops")
-    with pytest.raises(InputError) as info:
-        match(base, adapter)
-    assert "adapter_config.json" in str(info.value)
-
-
-def test_alpha_and_scaling_overrides(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4, config=peft_config(4, 8))
-    modules, _, _ = match(base, adapter, alpha=1.0)
-    assert {m.scale for m in modules} == {0.25}
-    assert all("--alpha" in m.scale_source for m in modules)
-    modules, _, _ = match(base, adapter, scaling=3.0)
-    assert {m.scale for m in modules} == {3.0}
-    assert all("--scaling" in m.scale_source for m in modules)
-
-
-def test_no_config_scale_one_with_warning(tmp_path):
-    base, adapter = write_llama_pair(tmp_path, r=4)
-    (adapter / "adapter_config.json").unlink()
-    modules, _, warnings = match(base, adapter)
-    assert {m.scale for m in modules} == {1.0}
-    assert len(warnings) == 1 and "--alpha" in warnings[0]
-
-
 # ---------------------------------------------------------------------------------------
 # Sharded bases
 
@@ -634,110 +403,6 @@ def test_shape_mismatch_with_base(tmp_path):
     assert "model.layers.0.self_attn.k_proj.weight" in str(info.value)
 
 
-def test_rank_mismatch_between_a_and_b(tmp_path):
-    g = rng(0)
-    tensors = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": g.standard_normal((4, HIDDEN)).astype(np.float32),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": g.standard_normal((HIDDEN, 3)).astype(np.float32),
-    }
-    base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=tensors)
-    with pytest.raises(ShapeMismatch) as info:
-        match(base, adapter)
-    assert "q_proj.lora_B.weight" in str(info.value)
-
-
-@pytest.mark.parametrize("style", ["peft config r=0", "peft --scaling", "peft --alpha", "kohya alpha"])
-def test_rank_zero_factors_are_refused(tmp_path, style):
-    if style.startswith("kohya"):
-        base = save(tmp_path / "te.safetensors", weights({"text_model.encoder.layers.0.self_attn.q_proj.weight": (HIDDEN, HIDDEN)}))
-        name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
-        adapter = save(tmp_path / "lora.safetensors", {
-            f"{name}.lora_down.weight": np.zeros((0, HIDDEN), np.float32),
-            f"{name}.lora_up.weight": np.zeros((HIDDEN, 0), np.float32),
-            f"{name}.alpha": np.array(1.0, np.float32),
-        })
-    else:
-        stem = "base_model.model.model.layers.0.self_attn.q_proj"
-        name = "model.layers.0.self_attn.q_proj"
-        tensors = {f"{stem}.lora_A.weight": np.zeros((0, HIDDEN), np.float32),
-                   f"{stem}.lora_B.weight": np.zeros((HIDDEN, 0), np.float32)}
-        base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=tensors, config=peft_config(0, 8))
-    options = {"peft --scaling": {"scaling": 1.0}, "peft --alpha": {"alpha": 1.0}}.get(style, {})
-    with pytest.raises(InputError) as info:
-        match(base, adapter, **options)
-    # a config saying r=0 is refused by its field, options or not (PEFT itself requires r > 0)
-    expected = "'r' must be a positive integer" if style.startswith("peft") else name
-    assert expected in str(info.value)
-
-
-def test_one_dimensional_factor_is_a_shape_mismatch(tmp_path):
-    tensors = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones(HIDDEN, np.float32),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((HIDDEN, 1), np.float32),
-    }
-    base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=tensors)
-    with pytest.raises(ShapeMismatch):
-        match(base, adapter)
-
-
-@pytest.mark.parametrize("sibling", ["model.layers.0.self_attn.q_proj.weight.absmax",
-                                     "model.layers.0.self_attn.q_proj.weight.quant_map",
-                                     "model.layers.0.self_attn.q_proj.weight_scale_inv",
-                                     "model.layers.0.self_attn.q_proj.SCB"])
-def test_quantized_base_by_sibling(tmp_path, sibling):
-    tensors = llama_base_tensors(1)
-    tensors[sibling] = np.ones(4, np.float32)
-    base, adapter = write_llama_pair(tmp_path, layers=1, base_tensors=tensors,
-                                     adapter_tensors=llama_peft_tensors(1, 4, projs=("q_proj",)))
-    with pytest.raises(QuantizedBase) as info:
-        match(base, adapter)
-    assert "model.layers.0.self_attn.q_proj.weight" in str(info.value) and sibling in str(info.value)
-
-
-def test_quantized_base_by_dtype(tmp_path):
-    tensors = llama_base_tensors(1)
-    tensors["model.layers.0.self_attn.q_proj.weight"] = rng(0).integers(0, 255, (HIDDEN, HIDDEN), dtype=np.uint8)
-    base, adapter = write_llama_pair(tmp_path, layers=1, base_tensors=tensors,
-                                     adapter_tensors=llama_peft_tensors(1, 4, projs=("q_proj",)))
-    with pytest.raises(QuantizedBase) as info:
-        match(base, adapter)
-    assert "U8" in str(info.value) and "model.layers.0.self_attn.q_proj.weight" in str(info.value)
-
-
-def test_packed_4bit_base_is_quantized_not_a_shape_mismatch(tmp_path):
-    # bitsandbytes 4-bit: the weight is U8 of shape (d*k/2, 1) with an absmax beside it
-    tensors = llama_base_tensors(1)
-    tensors["model.layers.0.self_attn.q_proj.weight"] = np.zeros((HIDDEN * HIDDEN // 2, 1), np.uint8)
-    tensors["model.layers.0.self_attn.q_proj.weight.absmax"] = np.ones(4, np.float32)
-    base, adapter = write_llama_pair(tmp_path, layers=1, base_tensors=tensors,
-                                     adapter_tensors=llama_peft_tensors(1, 4, projs=("q_proj",)))
-    with pytest.raises(QuantizedBase):
-        match(base, adapter)
-
-
-def test_skipped_tensors_have_reasons(tmp_path):
-    tensors = {
-        **llama_peft_tensors(1, 4, projs=("q_proj",)),
-        "base_model.model.lm_head.weight": np.ones((VOCAB, HIDDEN), np.float32),
-        "base_model.model.score.modules_to_save.default.weight": np.ones((2, HIDDEN), np.float32),
-        "base_model.model.model.layers.0.self_attn.q_proj.bias": np.ones(HIDDEN, np.float32),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": np.ones(HIDDEN, np.float32),
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": np.ones((2, HIDDEN), np.float32),
-    }
-    base, adapter = write_llama_pair(tmp_path, layers=1, adapter_tensors=tensors)
-    (module,), skipped, _ = match(base, adapter)
-    assert module.name == "model.layers.0.self_attn.q_proj"
-    # lora_B.bias (PEFT's lora_bias=True) is part of the module's update, not skipped
-    assert module.bias_key == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
-    reasons = {s.key: s.reason for s in skipped}
-    assert reasons == {
-        "base_model.model.lm_head.weight": "full weight (modules_to_save)",
-        "base_model.model.score.modules_to_save.default.weight": "full weight (modules_to_save)",
-        "base_model.model.model.layers.0.self_attn.q_proj.bias": "bias",
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": "trainable tokens",
-    }
-
-
 @pytest.mark.parametrize("suffix", ["lora_magnitude_vector", "lora_magnitude_vector.weight"])
 def test_dora_magnitude_vector_warns(tmp_path, suffix):
     tensors = llama_peft_tensors(1, 4, projs=("q_proj",))
@@ -797,23 +462,3 @@ def test_scan_never_opens_a_shard_without_matched_tensors(tmp_path, monkeypatch)
     assert "model-00002-of-00003.safetensors" in opened
     base_reads = {name for file, name in mapped if file.startswith("model-")}
     assert base_reads == {f"model.layers.1.self_attn.{p}.weight" for p in LLAMA_PROJ}
-
-
-def test_lm_head_lora_on_a_tied_checkpoint_scores_the_input_embedding(tmp_path):
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    import ddiscan
-    from ddiscan.io import TensorIndex
-
-    rng = np.random.default_rng(0)
-    save_file({"model.embed_tokens.weight": rng.standard_normal((50, 16)).astype(np.float32),
-               "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((16, 16)).astype(np.float32)},
-              tmp_path / "base.safetensors")
-    save_file({"base_model.model.lm_head.lora_A.weight": rng.standard_normal((2, 16)).astype(np.float32),
-               "base_model.model.lm_head.lora_B.weight": rng.standard_normal((50, 2)).astype(np.float32)},
-              tmp_path / "a.safetensors")
-    modules, _, warnings = ddiscan.lora.match_modules(ddiscan.lora.load_adapter(tmp_path / "a.safetensors"),
-                                                 TensorIndex(tmp_path / "base.safetensors"), scaling=1.0)
-    assert [(m.name, m.base_key) for m in modules] == [("lm_head", "model.embed_tokens.weight")]
-    assert any("tied" in w for w in warnings)

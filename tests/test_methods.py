@@ -1,4 +1,4 @@
-"""SafeLoRA, SPLoRA's E-DIEM and DDI's component ablation (ddiscan/methods.py) against an
+"""SafeLoRA, SPLoRA's E-DIEM and DDI's component ablation (ddiscan/safelora.py, ddiscan/ediem.py, ddiscan/score.py) against an
 independent dense float64 reference, and on a planted aligned/unaligned pair.
 
 The reference below forms what the kernels must never form: the alignment matrix
@@ -20,7 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddiscan import methods, spectral
+from ddiscan import ediem, safelora, spectral
+from ddiscan import score as ablation
 from selection_helpers import public_lowest_k, ranked
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -148,7 +149,7 @@ def close(actual, expected, rel=1e-6, abs_=1e-12):
 def test_safelora_matches_dense_reference(case):
     diff, up, down, scale = case
     a = float(np.linalg.norm(diff))
-    got = methods.safelora_score(diff, up, down, scale, diff_norm=a, xp=np)
+    got = safelora.safelora_score(diff, up, down, scale, diff_norm=a, xp=np)
     ref = ref_safelora(diff, up, down, scale)
     assert 0.0 <= got.cosine <= 1.0
     c = dense_alignment(diff)
@@ -162,12 +163,12 @@ def test_safelora_matches_dense_reference(case):
     assert close(got.projected_norm, ref["projected_norm"], rel=1e-8, abs_=1e-12 * top * ref["delta_norm"] + 1e-300)
     assert close(got.inner, ref["inner"], rel=1e-8, abs_=1e-12 * top * ref["delta_norm"] ** 2 + 1e-300)
     # C·lora_B, SafeLoRA's rewrite: ΔW becomes CΔW
-    projected = methods.project_up(diff, up, diff_norm=a, xp=np)
+    projected = safelora.project_up(diff, up, diff_norm=a, xp=np)
     dense = c @ up
     assert projected.shape == up.shape and projected.dtype == np.float64
     np.testing.assert_allclose(projected, dense, rtol=1e-9, atol=1e-12 * top * float(np.linalg.norm(up)) + 1e-300)
     # the cosine does not see s, nor the sign of ΔW
-    flipped = methods.safelora_score(diff, -up, down, 1.0, diff_norm=a, xp=np)
+    flipped = safelora.safelora_score(diff, -up, down, 1.0, diff_norm=a, xp=np)
     assert abs(flipped.cosine - got.cosine) <= 1e-12
 
 
@@ -180,25 +181,25 @@ def test_safelora_degenerate_conventions(shape):
     diff = rng.standard_normal((d, k))
     up, down = rng.standard_normal((d, r)), rng.standard_normal((r, k))
     a = float(np.linalg.norm(diff))
-    zero_update = methods.safelora_score(diff, np.zeros((d, r)), down, 2.0, diff_norm=a, xp=np)
+    zero_update = safelora.safelora_score(diff, np.zeros((d, r)), down, 2.0, diff_norm=a, xp=np)
     assert zero_update.cosine == 0.0 and zero_update.delta_norm == 0.0 and zero_update.inner == 0.0
-    zero_diff = methods.safelora_score(np.zeros((d, k)), up, down, 2.0, diff_norm=0.0, xp=np)
+    zero_diff = safelora.safelora_score(np.zeros((d, k)), up, down, 2.0, diff_norm=0.0, xp=np)
     assert zero_diff.cosine == 0.0 == ref_safelora(np.zeros((d, k)), up, down, 2.0)["cosine"]
     assert zero_diff.projected_norm == 0.0 and zero_diff.delta_norm > 0
-    assert not np.any(methods.project_up(np.zeros((d, k)), up, diff_norm=0.0, xp=np))
+    assert not np.any(safelora.project_up(np.zeros((d, k)), up, diff_norm=0.0, xp=np))
     if d > 1:  # A of rank 1 and ΔW orthogonal to its column
         col = rng.standard_normal(d)
         rank1 = np.outer(col, rng.standard_normal(k))
         other = rng.standard_normal((d, r))
         other -= np.outer(col, col @ other) / (col @ col)
-        got = methods.safelora_score(rank1, other, down, 1.0, diff_norm=float(np.linalg.norm(rank1)), xp=np)
+        got = safelora.safelora_score(rank1, other, down, 1.0, diff_norm=float(np.linalg.norm(rank1)), xp=np)
         assert got.cosine < 1e-12
     # a module entirely inside A's column space, with C acting as a multiple of the identity there
     q = np.linalg.qr(rng.standard_normal((d, min(d, k))))[0]
     w = np.linalg.qr(rng.standard_normal((k, min(d, k))))[0]
     iso = q @ w.T
     inside = q @ rng.standard_normal((q.shape[1], r))
-    got = methods.safelora_score(iso, inside, down, -3.0, diff_norm=float(np.linalg.norm(iso)), xp=np)
+    got = safelora.safelora_score(iso, inside, down, -3.0, diff_norm=float(np.linalg.norm(iso)), xp=np)
     assert abs(got.cosine - 1.0) < 1e-12
 
 
@@ -207,16 +208,16 @@ def test_non_finite_inputs_give_non_finite_scores():
     diff, up, down = rng.standard_normal((6, 5)), rng.standard_normal((6, 2)), rng.standard_normal((2, 5))
     bad = up.copy()
     bad[0, 0] = np.nan
-    assert math.isnan(methods.safelora_score(diff, bad, down, 1.0, diff_norm=1.0, xp=np).cosine)
-    assert not math.isfinite(methods.ediem_score(diff, bad, down, 1.0, diff_norm=1.0, xp=np).score)
+    assert math.isnan(safelora.safelora_score(diff, bad, down, 1.0, diff_norm=1.0, xp=np).cosine)
+    assert not math.isfinite(ediem.ediem_score(diff, bad, down, 1.0, diff_norm=1.0, xp=np).score)
     bad_diff = diff.copy()
     bad_diff[1, 1] = np.inf
     bad_norm = float(np.linalg.norm(bad_diff))
-    assert math.isnan(methods.safelora_score(bad_diff, up, down, 1.0, diff_norm=bad_norm, xp=np).cosine)
-    assert math.isnan(methods.ediem_score(bad_diff, up, down, 1.0, diff_norm=bad_norm, xp=np).score)
+    assert math.isnan(safelora.safelora_score(bad_diff, up, down, 1.0, diff_norm=bad_norm, xp=np).cosine)
+    assert math.isnan(ediem.ediem_score(bad_diff, up, down, 1.0, diff_norm=bad_norm, xp=np).score)
     bad_diff[1, 1] = np.nan
-    assert math.isnan(methods.safelora_score(bad_diff, up, down, 1.0, diff_norm=1.0, xp=np).cosine)
-    assert math.isnan(methods.ediem_score(bad_diff, up, down, 1.0, diff_norm=1.0, xp=np).score)
+    assert math.isnan(safelora.safelora_score(bad_diff, up, down, 1.0, diff_norm=1.0, xp=np).cosine)
+    assert math.isnan(ediem.ediem_score(bad_diff, up, down, 1.0, diff_norm=1.0, xp=np).score)
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_non_finite_inputs_give_non_finite_scores():
 def test_ediem_matches_dense_reference(case, samples, seed):
     diff, up, down, scale = case
     a = float(np.linalg.norm(diff))
-    got = methods.ediem_score(diff, up, down, scale, diff_norm=a, samples=samples, seed=seed, xp=np)
+    got = ediem.ediem_score(diff, up, down, scale, diff_norm=a, samples=samples, seed=seed, xp=np)
     ref = ref_ediem(diff, up, down, scale, samples, seed)
     assert got.samples == samples
     scale_abs = abs(scale) * float(np.linalg.norm(up @ down)) + 1e-300  # ‖ΔW‖: the distances' scale
@@ -247,7 +248,7 @@ def test_ediem_matches_dense_reference(case, samples, seed):
     else:  # a spread at the edge of float64: the score must still be finite
         assert math.isfinite(got.score)
     # neither s nor the sign of ΔW changes the score
-    flipped = methods.ediem_score(diff, -up, down, 1.0, diff_norm=a, samples=samples, seed=seed, xp=np)
+    flipped = ediem.ediem_score(diff, -up, down, 1.0, diff_norm=a, samples=samples, seed=seed, xp=np)
     assert close(flipped.score, got.score, rel=1e-7, abs_=1e-7)
 
 
@@ -256,32 +257,32 @@ def test_ediem_degenerate_conventions():
     d, k, r = 20, 15, 3
     diff, up, down = rng.standard_normal((d, k)), rng.standard_normal((d, r)), rng.standard_normal((r, k))
     a = float(np.linalg.norm(diff))
-    zero = methods.ediem_score(diff, np.zeros((d, r)), down, 2.0, diff_norm=a, xp=np)
+    zero = ediem.ediem_score(diff, np.zeros((d, r)), down, 2.0, diff_norm=a, xp=np)
     assert (zero.score, zero.distance, zero.mean, zero.std) == (0.0, 0.0, 0.0, 0.0)
-    no_c = methods.ediem_score(np.zeros((d, k)), up, down, -2.0, diff_norm=0.0, xp=np)
+    no_c = ediem.ediem_score(np.zeros((d, k)), up, down, -2.0, diff_norm=0.0, xp=np)
     norm = 2.0 * float(np.linalg.norm(up @ down))
     assert no_c.score == 0.0 and no_c.std == 0.0
     assert close(no_c.distance, norm, rel=1e-12) and no_c.distance == no_c.mean
     # C = c·I on R^d (A with d equal singular values, d ≤ k): every rotation gives the same distance
     iso = np.linalg.qr(rng.standard_normal((2 * d, d)))[0].T * 0.4
-    z = methods.ediem_score(iso, up, rng.standard_normal((r, 2 * d)), 1.0, diff_norm=float(np.linalg.norm(iso)),
+    z = ediem.ediem_score(iso, up, rng.standard_normal((r, 2 * d)), 1.0, diff_norm=float(np.linalg.norm(iso)),
                             xp=np)
     assert z.score == 0.0
     assert z.std <= 1e-12 * z.mean
     with pytest.raises(ValueError):
-        methods.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=1, xp=np)
+        ediem.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=1, xp=np)
 
 
 def test_ediem_reference_is_seeded_and_prefix_stable():
     rng = np.random.default_rng(6)
     diff, up, down = rng.standard_normal((30, 25)) * 0.1, rng.standard_normal((30, 4)), rng.standard_normal((4, 25))
     a = float(np.linalg.norm(diff))
-    one = methods.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=7, xp=np)
-    assert one == methods.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=7, xp=np)
-    assert one != methods.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=8, xp=np)
-    probes = methods.reference_probes(30, 4, 16, 7)
+    one = ediem.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=7, xp=np)
+    assert one == ediem.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=7, xp=np)
+    assert one != ediem.ediem_score(diff, up, down, 1.0, diff_norm=a, samples=16, seed=8, xp=np)
+    probes = ediem.reference_probes(30, 4, 16, 7)
     assert probes.shape == (16, 30, 4)
-    np.testing.assert_array_equal(methods.reference_probes(30, 4, 40, 7)[:16], probes)
+    np.testing.assert_array_equal(ediem.reference_probes(30, 4, 40, 7)[:16], probes)
 
 
 def test_ediem_is_calibrated_on_random_updates():
@@ -294,7 +295,7 @@ def test_ediem_is_calibrated_on_random_updates():
     diff *= 0.8 / np.linalg.norm(diff)
     a = float(np.linalg.norm(diff))
     down = rng.standard_normal((r, k))
-    scores = [methods.ediem_score(diff, rng.standard_normal((d, r)), down, 1.0, diff_norm=a, samples=64,
+    scores = [ediem.ediem_score(diff, rng.standard_normal((d, r)), down, 1.0, diff_norm=a, samples=64,
                                   seed=0, xp=np).score for _ in range(150)]
     assert abs(np.mean(scores)) < 0.3, np.mean(scores)
     assert 0.7 < np.std(scores) < 1.4, np.std(scores)
@@ -310,16 +311,16 @@ def test_float32_alignment_difference_gives_the_float64_scores():
     up[:, :2] += 3 * np.linalg.svd(diff)[0][:, :2]  # partly inside
     a = float(np.linalg.norm(diff))
     d32 = diff.astype(np.float32)
-    for_64 = methods.safelora_score(diff, up, down, 2.0, diff_norm=a, xp=np)
-    for_32 = methods.safelora_score(d32, up, down, 2.0, diff_norm=a, xp=np)
+    for_64 = safelora.safelora_score(diff, up, down, 2.0, diff_norm=a, xp=np)
+    for_32 = safelora.safelora_score(d32, up, down, 2.0, diff_norm=a, xp=np)
     assert abs(for_32.cosine - for_64.cosine) < 1e-5
-    e64 = methods.ediem_score(diff, up, down, 2.0, diff_norm=a, xp=np)
-    e32 = methods.ediem_score(d32, up, down, 2.0, diff_norm=a, xp=np)
+    e64 = ediem.ediem_score(diff, up, down, 2.0, diff_norm=a, xp=np)
+    e32 = ediem.ediem_score(d32, up, down, 2.0, diff_norm=a, xp=np)
     assert abs(e32.score - e64.score) < 1e-3 * max(1.0, abs(e64.score)), (e32, e64)
     # and the float32 run equals the dense reference on the float32 A
     ref = ref_ediem(d32, up, down, 2.0, 32, 0)
     assert close(e32.score, ref["score"], rel=1e-3, abs_=1e-3)
-    assert methods.project_up(d32, up, diff_norm=a, xp=np).dtype == np.float64
+    assert safelora.project_up(d32, up, diff_norm=a, xp=np).dtype == np.float64
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,21 +334,21 @@ def test_array_api_strict_gives_the_numpy_results(case, samples):
     xs = array_api_strict
     a = float(np.linalg.norm(diff))
     sd, su, sdown = xs.asarray(diff), xs.asarray(up), xs.asarray(down)
-    np_cos = methods.safelora_score(diff, up, down, scale, diff_norm=a, xp=np)
-    xs_cos = methods.safelora_score(sd, su, sdown, scale, diff_norm=a, xp=xs)
+    np_cos = safelora.safelora_score(diff, up, down, scale, diff_norm=a, xp=np)
+    xs_cos = safelora.safelora_score(sd, su, sdown, scale, diff_norm=a, xp=xs)
     for field in ("cosine", "inner", "projected_norm", "delta_norm"):
         assert close(getattr(xs_cos, field), getattr(np_cos, field), rel=1e-12, abs_=1e-300), field
-    xs_proj = methods.project_up(sd, su, diff_norm=a, xp=xs)
+    xs_proj = safelora.project_up(sd, su, diff_norm=a, xp=xs)
     assert type(xs_proj).__module__.startswith("array_api_strict")
-    np.testing.assert_allclose(np.asarray(xs_proj), methods.project_up(diff, up, diff_norm=a, xp=np),
+    np.testing.assert_allclose(np.asarray(xs_proj), safelora.project_up(diff, up, diff_norm=a, xp=np),
                                rtol=1e-12, atol=1e-300)
-    np_e = methods.ediem_score(diff, up, down, scale, diff_norm=a, samples=samples, seed=3, xp=np)
-    xs_e = methods.ediem_score(sd, su, sdown, scale, diff_norm=a, samples=samples, seed=3, xp=xs)
+    np_e = ediem.ediem_score(diff, up, down, scale, diff_norm=a, samples=samples, seed=3, xp=np)
+    xs_e = ediem.ediem_score(sd, su, sdown, scale, diff_norm=a, samples=samples, seed=3, xp=xs)
     for field in ("score", "distance", "mean", "std"):
         assert close(getattr(xs_e, field), getattr(np_e, field), rel=1e-9, abs_=1e-12), field
     d32 = xs.asarray(diff.astype(np.float32))
-    assert close(methods.ediem_score(d32, su, sdown, scale, diff_norm=a, samples=samples, xp=xs).distance,
-                 methods.ediem_score(diff.astype(np.float32), up, down, scale, diff_norm=a, samples=samples,
+    assert close(ediem.ediem_score(d32, su, sdown, scale, diff_norm=a, samples=samples, xp=xs).distance,
+                 ediem.ediem_score(diff.astype(np.float32), up, down, scale, diff_norm=a, samples=samples,
                                      xp=np).distance, rel=1e-9, abs_=1e-300)
 
 
@@ -361,19 +362,19 @@ def test_array_api_strict_gives_the_numpy_results(case, samples):
 
 def test_components_product_and_parsing():
     values = dict(sharpness=0.5, deviation=0.8, magnitude=0.01)
-    assert methods.components({"S", "O", "M"}, **values) == 0.5 * 0.8 * 0.01
-    assert methods.components(("S", "O"), **values) == 0.5 * 0.8
-    assert methods.components(["M"], **values) == 0.01
-    assert methods.components("OM", **values) == 0.8 * 0.01
-    assert methods.parse_components("S,O") == ("S", "O")
-    assert methods.parse_components("m, s") == ("S", "M")
-    assert methods.parse_components("O+S+M") == ("S", "O", "M")
+    assert ablation.components({"S", "O", "M"}, **values) == 0.5 * 0.8 * 0.01
+    assert ablation.components(("S", "O"), **values) == 0.5 * 0.8
+    assert ablation.components(["M"], **values) == 0.01
+    assert ablation.components("OM", **values) == 0.8 * 0.01
+    assert ablation.parse_components("S,O") == ("S", "O")
+    assert ablation.parse_components("m, s") == ("S", "M")
+    assert ablation.parse_components("O+S+M") == ("S", "O", "M")
     for bad in ("", "S,X", "S,S", ","):
         with pytest.raises(ValueError):
-            methods.parse_components(bad)
+            ablation.parse_components(bad)
     for bad in (set(), {"S", "Q"}):
         with pytest.raises(ValueError):
-            methods.components(bad, **values)
+            ablation.components(bad, **values)
 
 
 def test_components_of_all_three_is_ddi():
@@ -383,8 +384,8 @@ def test_components_of_all_three_is_ddi():
     s = spectral.sharpness(spec)
     o = spectral.deviation(spectral.exact_basis(w0, t=3, xp=np), up, spec, 2.0, xp=np)
     m = spectral.magnitude_norm(math.sqrt(spec.energy), float(np.linalg.norm(w0)))
-    assert methods.components(methods.parse_components("S,O,M"), sharpness=s, deviation=o, magnitude=m) == s * o * m
-    assert methods.components(methods.parse_components("S,O"), sharpness=s, deviation=o, magnitude=m) == s * o
+    assert ablation.components(ablation.parse_components("S,O,M"), sharpness=s, deviation=o, magnitude=m) == s * o * m
+    assert ablation.components(ablation.parse_components("S,O"), sharpness=s, deviation=o, magnitude=m) == s * o
 
 
 # ---------------------------------------------------------------------------------------
@@ -436,16 +437,16 @@ def score_planted(modules, scale, **kw):
     for name, m in modules.items():
         diff = m["aligned"] - m["unaligned"]  # as the scan computes it
         a = float(np.linalg.norm(diff))
-        safe = methods.safelora_score(diff, m["up"], m["down"], scale, diff_norm=a, xp=np)
-        ediem = methods.ediem_score(diff, m["up"], m["down"], scale, diff_norm=a, xp=np, **kw)
+        safe = safelora.safelora_score(diff, m["up"], m["down"], scale, diff_norm=a, xp=np)
+        misaligned = ediem.ediem_score(diff, m["up"], m["down"], scale, diff_norm=a, xp=np, **kw)
         r = m["up"].shape[1]
         spec = spectral.update_spectrum(m["up"], m["down"], scale, xp=np)
         s = spectral.sharpness(spec)
         o = spectral.deviation(spectral.exact_basis(m["w0"], t=r, xp=np), m["up"], spec, scale, xp=np)
         mn = spectral.magnitude_norm(math.sqrt(spec.energy), float(np.linalg.norm(m["w0"])))
-        rows[name] = dict(cosine=safe.cosine, ediem=ediem.score, ddi=s * o * mn, S=s, O=o, M_norm=mn, sign_flip=(
-            methods.safelora_score(diff, -m["up"], m["down"], scale, diff_norm=a, xp=np).cosine,
-            methods.ediem_score(diff, -m["up"], m["down"], scale, diff_norm=a, xp=np, **kw).score))
+        rows[name] = dict(cosine=safe.cosine, ediem=misaligned.score, ddi=s * o * mn, S=s, O=o, M_norm=mn, sign_flip=(
+            safelora.safelora_score(diff, -m["up"], m["down"], scale, diff_norm=a, xp=np).cosine,
+            ediem.ediem_score(diff, -m["up"], m["down"], scale, diff_norm=a, xp=np, **kw).score))
         # the dense reference agrees on the planted modules too (where CΔW is not rounding noise)
         ref = ref_safelora(diff, m["up"], m["down"], scale)
         if ref["projected_norm"] > 1e-9 * ref["delta_norm"]:
@@ -523,7 +524,7 @@ def test_planted_rewrite_projection_keeps_undoing_modules():
         m = modules[name]
         diff = m["aligned"] - m["unaligned"]
         a = float(np.linalg.norm(diff))
-        new_up = methods.project_up(diff, m["up"], diff_norm=a, xp=np)
+        new_up = safelora.project_up(diff, m["up"], diff_norm=a, xp=np)
         before = scale * m["up"] @ m["down"]
         after = scale * new_up @ m["down"]
         np.testing.assert_allclose(after, dense_alignment(diff) @ before, atol=1e-12)
@@ -548,15 +549,15 @@ def test_ediem_direction_flips_when_c_is_long():
     inside = np.outer(col, rng.standard_normal(r))
     outside = rng.standard_normal((d, r))
     outside -= np.outer(col, col @ outside) / (col @ col)
-    e_in = methods.ediem_score(diff, inside, down, 1.0, diff_norm=a, xp=np)
-    e_out = methods.ediem_score(diff, outside, down, 1.0, diff_norm=a, xp=np)
+    e_in = ediem.ediem_score(diff, inside, down, 1.0, diff_norm=a, xp=np)
+    e_out = ediem.ediem_score(diff, outside, down, 1.0, diff_norm=a, xp=np)
     assert e_in.score > 5.0 and e_in.score > e_out.score
     assert close(e_in.distance, 4.0 * float(np.linalg.norm(inside @ down)), rel=1e-9)
-    c_in = methods.safelora_score(diff, inside, down, 1.0, diff_norm=a, xp=np).cosine
-    c_out = methods.safelora_score(diff, outside, down, 1.0, diff_norm=a, xp=np).cosine
+    c_in = safelora.safelora_score(diff, inside, down, 1.0, diff_norm=a, xp=np).cosine
+    c_out = safelora.safelora_score(diff, outside, down, 1.0, diff_norm=a, xp=np).cosine
     assert c_in > 1 - 1e-12 and c_out < 1e-12
     # a short C (λ = 0.5) restores the order
     short = diff / 10.0
-    e_in_short = methods.ediem_score(short, inside, down, 1.0, diff_norm=a / 10.0, xp=np)
-    e_out_short = methods.ediem_score(short, outside, down, 1.0, diff_norm=a / 10.0, xp=np)
+    e_in_short = ediem.ediem_score(short, inside, down, 1.0, diff_norm=a / 10.0, xp=np)
+    e_out_short = ediem.ediem_score(short, outside, down, 1.0, diff_norm=a / 10.0, xp=np)
     assert e_in_short.score < 0 < e_out_short.score

@@ -239,3 +239,14 @@ def test_bad_selection_options_fail_before_the_scan(tmp_path, monkeypatch, args,
     assert result.exit_code == 2, result.output
     assert needle in result.stderr and result.stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refusals_name_the_parameters(tmp_path):
+    with pytest.raises(ddiscan.options.OptionError) as info:
+        ddiscan.prune(None, ADAPTER, tmp_path / "out", top=1)
+    assert str(info.value) == "give base, or from_report"
+    assert info.value.render({"base": "BASE", "from_report": "--from-report"}) == "give BASE, or --from-report"
+    with pytest.raises(ddiscan.options.OptionError) as info:
+        ddiscan.prune(BASE, ADAPTER, tmp_path / "out", top=1, mode="project")
+    assert str(info.value) == "mode project needs base, aligned and unaligned"
+    assert list(tmp_path.iterdir()) == []

@@ -17,6 +17,7 @@ from ddiscan.errors import HeaderError, InputError, NotSafetensors, PickleRefuse
 from ddiscan.io.index import TensorIndex
 from ddiscan.io.reader import MAX_HEADER_SIZE, SafetensorsFile
 
+from reader_helpers import refused
 from safetensors_builders import contiguous_header, entry, raw_safetensors, rng, safetensors_accepts, save
 
 FLOAT_DTYPES = {
@@ -134,36 +135,24 @@ def test_valid_file_whose_length_prefix_looks_like_pickle_magic(tmp_path, header
 # the key, where one key is at fault); where the library refuses it too, we check that.
 
 
-def _refused(path, cls, *, key=None, library_refuses=True):
-    with pytest.raises(cls) as info:
-        SafetensorsFile(path)
-    message = str(info.value)
-    assert str(path) in message
-    if key is not None:
-        assert repr(key) in message or key in message
-    if library_refuses:
-        assert not safetensors_accepts(path)
-    return message
-
-
 def test_header_length_over_100_mb(tmp_path):
     # the file is (sparsely) larger than the header length, so only the 100 MB limit applies
     path = raw_safetensors(tmp_path / "t.safetensors", {}, header_len=MAX_HEADER_SIZE + 8)
     with open(path, "r+b") as f:
         f.truncate(MAX_HEADER_SIZE + 1024)
-    message = _refused(path, (NotSafetensors, HeaderError))
+    message = refused(path, (NotSafetensors, HeaderError))
     assert str(MAX_HEADER_SIZE) in message
 
 
 def test_absurd_header_length(tmp_path):
     path = raw_safetensors(tmp_path / "t.safetensors", {}, header_len=2**64 - 1)
-    _refused(path, (NotSafetensors, HeaderError))
+    refused(path, (NotSafetensors, HeaderError))
 
 
 def test_header_length_beyond_file_size(tmp_path):
     header, size = contiguous_header([("a", "F32", [2], 8)])
     path = raw_safetensors(tmp_path / "t.safetensors", header, size, header_len=4096)
-    message = _refused(path, (NotSafetensors, HeaderError))
+    message = refused(path, (NotSafetensors, HeaderError))
     # the length read from the file is not echoed (its first 8 bytes, perhaps of a secret)
     assert "exceeds the file size" in message and "4096" not in message
 
@@ -172,97 +161,13 @@ def test_truncated_data(tmp_path):
     path = save(tmp_path / "t.safetensors", {"a": np.ones((4, 4), np.float32), "b": np.ones(8, np.float32)})
     data = path.read_bytes()
     path.write_bytes(data[:-5])
-    _refused(path, HeaderError)
+    refused(path, HeaderError)
 
 
 def test_trailing_bytes_after_the_data(tmp_path):
     path = save(tmp_path / "t.safetensors", {"a": np.ones((4, 4), np.float32)})
     path.write_bytes(path.read_bytes() + b"\x00" * 8)
-    _refused(path, HeaderError)
-
-
-@pytest.mark.parametrize("text", ['{"a": {"dtype": "F32",', '{"a" 1}', "{\xff}", "{}}"])
-def test_invalid_json(tmp_path, text):
-    raw = text.encode("latin-1") if "\xff" in text else text.encode()
-    path = raw_safetensors(tmp_path / "t.safetensors", raw)
-    _refused(path, (HeaderError, NotSafetensors))
-
-
-@pytest.mark.parametrize("text", ["[]", '"x"', "1", "null"])
-def test_header_not_an_object(tmp_path, text):
-    path = raw_safetensors(tmp_path / "t.safetensors", text)
-    _refused(path, (HeaderError, NotSafetensors))
-
-
-def test_tensor_entry_not_an_object(tmp_path):
-    path = raw_safetensors(tmp_path / "t.safetensors", {"a": [1, 2]})
-    _refused(path, HeaderError, key="a")
-
-
-def test_duplicate_keys(tmp_path):
-    # the library keeps the last one silently; ddiscan refuses: which one is meant?
-    one = '"dup": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}'
-    path = raw_safetensors(tmp_path / "t.safetensors", "{" + one + ", " + one + "}", 4)
-    _refused(path, HeaderError, key="dup", library_refuses=False)
-
-
-def test_offsets_with_a_gap(tmp_path):
-    header = {"a": entry("F32", [1], 0, 4), "b": entry("F32", [1], 8, 12)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 12)
-    _refused(path, HeaderError, key="b")
-
-
-def test_offsets_not_starting_at_zero(tmp_path):
-    header = {"a": entry("F32", [1], 4, 8)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 8)
-    _refused(path, HeaderError, key="a")
-
-
-def test_overlapping_offsets(tmp_path):
-    header = {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 12)
-    _refused(path, HeaderError, key="b")
-
-
-def test_offsets_beyond_the_data(tmp_path):
-    header = {"a": entry("F32", [1], 0, 4), "b": entry("F32", [4], 4, 20)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 8)
-    _refused(path, HeaderError)
-
-
-def test_offsets_reversed(tmp_path):
-    header = {"a": entry("F32", [0], 4, 0)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 4)
-    _refused(path, HeaderError, key="a")
-
-
-@pytest.mark.parametrize("offsets", [[0], [0, 4, 8], ["0", "4"], [0.0, 4.0], [-4, 0], None])
-def test_malformed_offsets(tmp_path, offsets):
-    header = {"a": {"dtype": "F32", "shape": [1], "data_offsets": offsets}}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 4)
-    _refused(path, HeaderError, key="a")
-
-
-@pytest.mark.parametrize("shape", [[-1], [2.0], ["2"], [True], 2, None])
-def test_malformed_shapes(tmp_path, shape):
-    header = {"a": {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 8)
-    _refused(path, HeaderError, key="a")
-
-
-@pytest.mark.parametrize("dtype,shape,nbytes", [("F32", [2, 2], 12), ("F16", [3], 8), ("BF16", [4], 4), ("F64", [1], 4)])
-def test_byte_size_not_numel_times_dtype_size(tmp_path, dtype, shape, nbytes):
-    header = {"a": entry(dtype, shape, 0, nbytes)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, nbytes)
-    _refused(path, HeaderError, key="a")
-
-
-@pytest.mark.parametrize("dtype", ["F17", "float32", "f32", "", None, 4])
-def test_unknown_dtype(tmp_path, dtype):
-    header = {"weird": {"dtype": dtype, "shape": [1], "data_offsets": [0, 4]}}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 4)
-    message = _refused(path, HeaderError, key="weird")
-    assert "dtype" in message
+    refused(path, HeaderError)
 
 
 def test_known_dtype_numpy_cannot_map(tmp_path):
@@ -275,49 +180,41 @@ def test_known_dtype_numpy_cannot_map(tmp_path):
     assert "packed" in str(info.value) and str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("metadata", [{"x": 1}, {"x": None}, {"x": ["a"]}, {"x": {"y": "z"}}, ["a"], "text"])
-def test_metadata_values_not_strings(tmp_path, metadata):
-    header = {"__metadata__": metadata, "a": entry("F32", [1], 0, 4)}
-    path = raw_safetensors(tmp_path / "t.safetensors", header, 4)
-    message = _refused(path, HeaderError)
-    assert "__metadata__" in message
-
-
 @pytest.mark.parametrize("content", [b"", b"\x01", b"\x00" * 7])
 def test_empty_or_tiny_file(tmp_path, content):
     path = tmp_path / "t.safetensors"
     path.write_bytes(content)
-    _refused(path, NotSafetensors)
+    refused(path, NotSafetensors)
 
 
 def test_zero_header_length(tmp_path):
     path = raw_safetensors(tmp_path / "t.safetensors", b"", b"\x00" * 16)
-    _refused(path, (NotSafetensors, HeaderError))
+    refused(path, (NotSafetensors, HeaderError))
 
 
 def test_text_file(tmp_path):
     path = tmp_path / "t.safetensors"
     path.write_text("this is not a safetensors file at all, just some text\n" * 4)
-    _refused(path, (NotSafetensors, HeaderError))
+    refused(path, (NotSafetensors, HeaderError))
 
 
 # ---------------------------------------------------------------------------------------
 # Pickles are never opened
 
 
-def test_torch_zip_checkpoint_is_refused(tmp_path):
+def test_torch_zip_checkpoint_isrefused(tmp_path):
     path = tmp_path / "adapter_model.safetensors"  # a misnamed torch.save zip archive
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", pickle.dumps({"w": [1.0, 2.0]}, protocol=2))
-    message = _refused(path, PickleRefused)
+    message = refused(path, PickleRefused)
     assert "pickle" in message.lower()
 
 
 @pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_raw_pickle_is_refused(tmp_path, protocol):
+def test_raw_pickle_isrefused(tmp_path, protocol):
     path = tmp_path / "model.safetensors"
     path.write_bytes(pickle.dumps({"weight": list(range(100))}, protocol=protocol))
-    _refused(path, PickleRefused)
+    refused(path, PickleRefused)
 
 
 @pytest.mark.parametrize("suffix", [".bin", ".pt", ".pth"])
@@ -325,7 +222,7 @@ def test_pickle_suffix_is_refused_even_with_safetensors_content(tmp_path, suffix
     good = save(tmp_path / "good.safetensors", {"a": np.ones(3, np.float32)})
     path = tmp_path / f"pytorch_model{suffix}"
     path.write_bytes(good.read_bytes())
-    _refused(path, PickleRefused, library_refuses=False)
+    refused(path, PickleRefused, library_refuses=False)
 
 
 def test_pickle_base_refused_through_the_index(tmp_path):

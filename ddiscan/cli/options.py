@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError, OutputError, printable
-from ..methods import parse_components
+from ..score import parse_components
 from ..options import MAGNITUDES, METHODS, ScanOptions
 from ..plot import check_plot
 

@@ -8,8 +8,9 @@ A base checkpoint may be given as
 * a directory holding either of those (an index wins; otherwise every ``*.safetensors``
   file in it, no key in two of them).
 
-Shard headers are read lazily, the first time one of their tensors is asked for, so a
-scan touches only the shards that hold tensors it needs.
+With an index, a shard's header is read the first time one of its tensors is asked for,
+so a scan touches only the shards that hold tensors it needs; without one, every file's
+header is read when the checkpoint is opened (that is how its keys are known).
 
 A quantized checkpoint is refused when it is opened (:class:`~ddiscan.errors.QuantizedBase`):
 ddiscan decodes no quantization scheme, and a quantized weight read as plain numbers gives

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, UsageError
+from ..options import OptionError
 from .reader import inputs_read
 
 __all__ = [
@@ -91,7 +92,7 @@ def remove_stale_temps(path) -> list[Path]:
     return removed
 
 
-def _resolve(path: Path) -> Path:
+def resolve(path: Path) -> Path:
     """``path.resolve()``, or the absolute path where links loop (Python < 3.13 raises
     RuntimeError there, later ones OSError)."""
     try:
@@ -102,7 +103,7 @@ def _resolve(path: Path) -> Path:
 
 def _same(a: Path, b: Path) -> bool:
     try:
-        return _resolve(a) == _resolve(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
+        return resolve(a) == resolve(b) or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
 
@@ -117,8 +118,8 @@ def refuse_input_as_output(output, inputs, *, replaces_directory: bool = False) 
     for given in inputs:
         path = Path(given)
         if (
-            _same(out, path) or (path.is_dir() and _resolve(out).is_relative_to(_resolve(path)))
-            or (replaces_directory and _resolve(path).is_relative_to(_resolve(out)))
+            _same(out, path) or (path.is_dir() and resolve(out).is_relative_to(resolve(path)))
+            or (replaces_directory and resolve(path).is_relative_to(resolve(out)))
         ):
             raise UsageError(f"{output}: the output path is an input ({given}); choose another")
 
@@ -161,6 +162,12 @@ def check_output(output, extra_inputs=(), *, replaces_directory: bool = False) -
             record.file.check_unchanged()
 
 
+def literal(text) -> str:
+    """``text`` as it reads in an :class:`~ddiscan.options.OptionError` template (braces
+    doubled: a path or key is shown as is, never read as a parameter's place)."""
+    return str(text).replace("{", "{{").replace("}", "}}")
+
+
 def write_atomic(path, data: bytes, *, force: bool = True) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`write_atomic_stream`)."""
     write_atomic_stream(path, lambda f: f.write(data), force=force)
@@ -178,7 +185,7 @@ def write_atomic_stream(path, fill, *, force: bool = True) -> None:
     path = Path(path)
     check_output(path)
     if not force and path.exists():
-        raise UsageError(f"{path}: exists (use --force to replace it)")
+        raise OptionError(f"{literal(path)}: exists (use {{force}} to replace it)", "force")
     if path.is_dir():
         raise OutputError(f"{path}: cannot write (is a directory)")
     directory = path.parent if str(path.parent) else Path(".")
