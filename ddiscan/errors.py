@@ -27,9 +27,23 @@ __all__ = [
 
 
 class DdiscanError(Exception):
-    """Base of every error ddiscan raises on purpose."""
+    """Base of every error ddiscan raises on purpose.
+
+    A message may name parameters as ``{name}`` (given after it): ``str()`` shows the
+    names themselves, :meth:`render` whatever a caller shows for them (the command line:
+    its flags), so no library message names a flag.
+    """
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *parameters: str):
+        self.template, self.parameters = message, parameters
+        super().__init__(self.render({}))
+
+    def render(self, shown: dict[str, str]) -> str:
+        if not self.parameters:
+            return self.template
+        return self.template.format(**{p: shown.get(p, p) for p in self.parameters})
 
 
 class UsageError(DdiscanError):

@@ -41,6 +41,7 @@ import numpy as np
 from .adapter import Adapter, check_peft_type, load_adapter
 from .basekeys import BaseMatch, BaseNames, check_not_quantized, conv1d_evidence, tied_embedding
 from .errors import InputError, MatchError, NoLoraPairs, ShapeMismatch
+from .io.writer import literal
 from .factors import base_fit, check_float_factors, check_magnitude, check_singular, factor_shapes, nonempty
 from .grammars import KOHYA_PREFIXES, PEFT_PREFIX, Pair, Skipped, adapter_kind, classify, module_keys, unread_summary
 from .io.index import TensorIndex
@@ -191,7 +192,8 @@ def _refuse_unread(file: SafetensorsFile, pairs: list[Pair], unread: list[Skippe
         return
     message = f"{file.path}: LoRA pairs beside {unread_summary(unread)}"
     if not allow_unmatched:
-        raise MatchError(f"{message}; refusing to score a part of the adapter (--allow-unmatched scores the LoRA pairs alone)")
+        raise MatchError(f"{literal(message)}; refusing to score a part of the adapter ({{allow_unmatched}} scores "
+                         "the LoRA pairs alone)", "allow_unmatched")
     findings.warnings.append(f"{message}; only the LoRA pairs are scored")
     findings.skipped.extend(unread)
 

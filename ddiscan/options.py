@@ -26,18 +26,8 @@ MAGNITUDES = ("bounded", "raw")
 
 
 class OptionError(UsageError):
-    """Options that contradict each other or are out of range.
-
-    ``template`` names parameters as ``{name}``; ``str()`` fills in the names themselves,
-    :meth:`render` whatever a caller shows for them (the command line: its flags).
-    """
-
-    def __init__(self, template: str, *parameters: str):
-        self.template, self.parameters = template, parameters
-        super().__init__(self.render({}))
-
-    def render(self, shown: dict[str, str]) -> str:
-        return self.template.format(**{p: shown.get(p, p) for p in self.parameters})
+    """Options that contradict each other or are out of range; the message names the
+    parameters as ``{name}`` (:class:`~ddiscan.errors.DdiscanError`)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .io.writer import write_atomic
+from .io.writer import literal, write_atomic
 from .render import grid
 from .report import Report
 
@@ -24,11 +24,11 @@ def check_plot(path) -> str:
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg"):
-        raise UsageError(f"{path}: --plot writes .png or .svg files")
+        raise UsageError(f"{literal(path)}: {{plot}} writes .png or .svg files", "plot")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'ddiscan[plot]'") from None
+        raise UsageError("{plot} needs matplotlib: pip install 'ddiscan[plot]'", "plot") from None
     return fmt
 
 

@@ -41,7 +41,7 @@ from .io.convert import widen
 from .io.index import TensorIndex
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
-from .io.writer import SafetensorsEntry, safetensors_header, write_atomic_stream
+from .io.writer import SafetensorsEntry, literal, safetensors_header, write_atomic_stream
 from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError
 from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors, checked_meta, layout,
                             verified_digest)
@@ -94,8 +94,8 @@ class Profile:
     def basis(self, key: str, *, transposed: bool, t: int) -> np.ndarray:
         """The top-t basis of W0's column space (of the stored row space if ``transposed``)."""
         if t > self.max_t:
-            raise InputError(f"{self.path}: holds subspaces up to t={self.max_t}; {key} needs t={t} "
-                             "(rebuild the profile with a larger --max-t)")
+            raise InputError(f"{literal(self.path)}: holds subspaces up to t={self.max_t}; {literal(key)} needs "
+                             f"t={t} (rebuild the profile with a larger {{max_t}})", "max_t")
         side = "right" if transposed else "left"
         return np.asarray(self.file.array(f"{key}:{side}"))[:, :t]
 

@@ -191,7 +191,7 @@ def prune(base, adapter, output=None, *, top=None, theta=None, theta_norm=None, 
     and ``unaligned`` among ``scan_options``.
     """
     if output is None and not dry_run:
-        raise UsageError("give -o/--output (or --dry-run)")
+        raise UsageError("give {output} (or {dry_run})", "output", "dry_run")
     adapter_obj = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     if from_report is not None:
         report = load_report(from_report, adapter_obj)

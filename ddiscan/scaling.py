@@ -15,6 +15,7 @@ import regex
 
 from .adapter import Adapter
 from .errors import InputError, MatchError, ShapeMismatch
+from .io.writer import literal
 from .grammars import Pair
 from .io.reader import SafetensorsFile
 
@@ -89,8 +90,8 @@ def _adalora_scale(adapter: Adapter, pair: Pair, rank: int) -> tuple[float, str]
     if pair.singular is None:
         raise MatchError(f"{source}: AdaLoRA adapter, but {pair.down} has no lora_E beside it")
     if config.get("peft_type") != "ADALORA":
-        raise InputError(f"{pair.singular}: an AdaLoRA lora_E needs its adapter_config.json (peft_type ADALORA, "
-                         "init_r, lora_alpha) for the scaling, or pass --scaling")
+        raise InputError(f"{literal(pair.singular)}: an AdaLoRA lora_E needs its adapter_config.json (peft_type "
+                         "ADALORA, init_r, lora_alpha) for the scaling, or give {scaling}", "scaling")
     try:
         init_r = int(config["init_r"])
         alpha = float(config["lora_alpha"])

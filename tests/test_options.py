@@ -56,8 +56,9 @@ def test_each_parameter_has_one_flag_in_every_command():
     for command in cli.commands.values():
         for param in command.params:
             long = [o for o in param.opts if o.startswith("--")]
-            if long:
-                assert FLAGS[param.name] == long[0], (command.name, param.name)
+            short = [o for o in param.opts if not o.startswith("--")]
+            if long:  # the same in every command: -o/--output, --t, --mode (not its alias)
+                assert FLAGS[param.name] == "/".join([*short[:1], long[0]]), (command.name, param.name)
 
 
 def test_every_scan_option_is_a_flag_of_every_scanning_command_with_the_fields_default():

@@ -19,7 +19,7 @@ import click
 from .._version import __version__
 from ..errors import DdiscanError, printable
 from ..io.reader import collecting_inputs
-from ..options import OptionError
+
 from .check import check
 from .profile import profile
 from .prune import prune
@@ -56,7 +56,7 @@ def _one_line_errors():
     except DdiscanError as exc:
         if os.environ.get("DDISCAN_DEBUG"):
             raise
-        _fail(exc.render(FLAGS) if isinstance(exc, OptionError) else str(exc), exc.exit_code)
+        _fail(exc.render(FLAGS), exc.exit_code)
     except Exception as exc:  # the last line of defence: a bug, not a way to report bad input
         if os.environ.get("DDISCAN_DEBUG"):
             raise
@@ -86,10 +86,15 @@ def cli():
 for _command in (report, check, profile, prune):
     cli.add_command(_command)
 
-# how the command line shows each library parameter in a message (an OptionError's
-# ``{name}``): as the flag that sets it, for every option of every command
-FLAGS = {param.name: next(o for o in param.opts if o.startswith("--"))
-         for command in cli.commands.values() for param in command.params
+def _shown(option: click.Option) -> str:
+    """``--t``, or ``-o/--output`` for an option with a short form too (aliases left out)."""
+    short = [o for o in option.opts if not o.startswith("--")]
+    return "/".join([*short[:1], next(o for o in option.opts if o.startswith("--"))])
+
+
+# how the command line shows each library parameter in a message (an error's ``{name}``):
+# as the flag that sets it, for every option of every command
+FLAGS = {param.name: _shown(param) for command in cli.commands.values() for param in command.params
          if isinstance(param, click.Option) and any(o.startswith("--") for o in param.opts)}
 
 
