@@ -98,12 +98,12 @@ def _sources(adapter_dir: Path, weights: str) -> tuple[list[Path], list[str]]:
     each entry passed over: only regular files that belong to the adapter are copied: a
     symbolic link is followed only to a regular file inside the adapter directory, and a
     device, FIFO or socket is never opened (subdirectories are not copied, as before)."""
-    root = resolve(adapter_dir)
+    roots = _own_roots(adapter_dir)
     sources, warnings = [], []
     for item in sorted(adapter_dir.iterdir()):
         if item.name == weights:
             continue
-        if item.is_symlink() and not resolve(item).is_relative_to(root):
+        if item.is_symlink() and not any(resolve(item).is_relative_to(root) for root in roots):
             if item.name == "adapter_config.json":
                 raise InputError(f"{item}: a symbolic link out of the adapter directory; ddiscan copies only "
                                  "the adapter's own files (copy the directory with its links resolved: cp -rL)")
@@ -121,6 +121,17 @@ def _sources(adapter_dir: Path, weights: str) -> tuple[list[Path], list[str]]:
             continue
         sources.append(item)
     return sources, warnings
+
+
+def _own_roots(adapter_dir: Path) -> tuple[Path, ...]:
+    """Where the adapter's own files may lie: its directory, and, for a snapshot in the
+    Hugging Face cache (``models--ORG--NAME/snapshots/REVISION``, whose files are links
+    into ``models--ORG--NAME/blobs/``), that repository's blobs."""
+    root = resolve(adapter_dir)
+    repo = root.parent.parent
+    if root.parent.name == "snapshots" and repo.name.startswith("models--") and (repo / "blobs").is_dir():
+        return root, resolve(repo / "blobs")
+    return (root,)
 
 
 def _copy_file(source: Path, target: Path) -> None:
