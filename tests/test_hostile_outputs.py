@@ -130,18 +130,14 @@ class Unchanged:
 
 
 def _fifo(path: Path) -> Path:
-    try:
-        os.mkfifo(path)
-    except (OSError, AttributeError) as exc:
-        pytest.skip(f"no FIFO here ({exc})")
+    os.mkfifo(path)
     return path
 
 
 def _char_device(path: Path) -> Path:
-    try:
-        os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's numbers
-    except (OSError, AttributeError) as exc:
-        pytest.skip(f"mknod needs root ({exc})")
+    """A character device with /dev/null's numbers: mknod needs root, as CI runs (the suite
+    runs as root by design; a failure here says so rather than skipping the case)."""
+    os.mknod(path, stat.S_IFCHR | 0o666, os.makedev(1, 3))
     return path
 
 
