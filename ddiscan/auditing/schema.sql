@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS modules (
     d          INTEGER NOT NULL,
     k          INTEGER NOT NULL,
     r          INTEGER NOT NULL,
-    s          REAL,                    -- the scale s of ΔW = s·U·V (SPEC.md §1)
+    scale      REAL,                    -- the scale s of ΔW = s·U·V (SPEC.md §1); not "s": SQLite names ignore case, and S is sharpness
     t          INTEGER NOT NULL,
     S          REAL,
     O          REAL,
