@@ -377,3 +377,21 @@ def test_the_page_never_replaces_its_database(audit_page, tmp_path):
     assert Path(database).read_bytes() == before
     write_html(database, odd / "page.html")  # a path with URI metacharacters opens as itself
     assert (odd / "page.html").read_text(encoding="utf-8").count("<tr>") == 1 + 5
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_without_a_browser_the_tests_fail_when_required_and_skip_otherwise(tmp_path, required):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "DDISCAN_REQUIRE_BROWSER")}
+    env.update(PATH=str(tmp_path), PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
+    if required:
+        env["DDISCAN_REQUIRE_BROWSER"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfs", f"--basetemp={tmp_path / 'run'}",
+         f"{__file__}::test_the_page_loads_nothing_and_its_policy_forbids_remote_loads"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ("1 error" in result.stdout or "1 failed" in result.stdout) is required, result.stdout
+    assert ("1 skipped" in result.stdout) is not required, result.stdout
+    assert "chromium and chromedriver are not installed" in result.stdout
