@@ -18,6 +18,7 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import ddiscan
@@ -25,7 +26,7 @@ from ddiscan.auditing.html import write_html
 from ddiscan.errors import InputError, UsageError, printable
 from ddiscan.render import grid
 
-from safetensors_builders import peft_config, write_llama_pair
+from safetensors_builders import llama_peft_tensors, peft_config, write_llama_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "ddiscan" / "auditing" / "schema.sql"
@@ -94,13 +95,19 @@ def peft_adapter(tmp: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-    """path → Report: the bundled fixture, a PEFT-written adapter, a builders' adapter."""
+    """path → Report: the bundled fixture, a PEFT-written adapter, two builders' adapters (one
+    with a NaN in one module: not finite)."""
     tmp = tmp_path_factory.mktemp("adapters")
     llama, peft = peft_adapter(tmp)
     base, built = write_llama_pair(tmp / "built", layers=3, r=2, config=peft_config(2, 4))
+    tensors = llama_peft_tensors(2, 2)
+    tensors["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"][0, 0] = np.nan
+    nan_base, nan = write_llama_pair(tmp / "nan", layers=2, r=2, config=peft_config(2, 4), adapter_tensors=tensors)
+    nan_report = ddiscan.scan(nan_base, nan)
+    assert [m.finite for m in nan_report.modules].count(False) == 1
     return {str(ROOT / "fixtures" / "tiny-lora"): ddiscan.scan(ROOT / "fixtures" / "tiny-llama",
                                                                ROOT / "fixtures" / "tiny-lora"),
-            str(peft): ddiscan.scan(llama, peft), str(built): ddiscan.scan(base, built)}
+            str(peft): ddiscan.scan(llama, peft), str(built): ddiscan.scan(base, built), str(nan): nan_report}
 
 
 ERRORS = {"broken.safetensors": "broken.safetensors: not a safetensors file (header length 0)",
@@ -251,6 +258,8 @@ def test_each_adapter_has_its_heatmap_and_its_sorted_curve(browser, audit_page, 
         assert chart["cells"] == len(blocks) * len(kinds), path
         assert sorted(chart["kinds"]) == sorted(kinds)
         assert chart["states"].count("value") == len({(m.block, m.kind) for m in report.modules if m.finite})
+        assert chart["states"].count("nan") == len({(m.block, m.kind) for m in report.modules if not m.finite})
+        assert chart["states"].count("empty") == len(blocks) * len(kinds) - len(report.modules)
         ddi = sorted((m.ddi for m in report.modules if m.finite), reverse=True)
         assert chart["ddi"] == pytest.approx(ddi, rel=1e-5)  # six significant digits in the titles
         assert chart["y"] == sorted(chart["y"])  # highest DDI first: drawn from the top down
@@ -368,7 +377,7 @@ def test_bad_databases_are_one_line_input_errors(tmp_path):
     assert not out.exists() and list(tmp_path.glob(".page.html.*")) == []  # nothing half-written
 
 
-def test_the_page_never_replaces_its_database(audit_page, tmp_path):
+def test_the_page_never_replaces_its_database(audit_page, reports, tmp_path):
     odd = tmp_path / "a dir ?#%"
     odd.mkdir()
     database = shutil.copy(audit_page.parent / "audit.sqlite", odd / "audit.sqlite")
@@ -376,7 +385,7 @@ def test_the_page_never_replaces_its_database(audit_page, tmp_path):
     _one_line_error(UsageError, lambda: write_html(database, database), "input")
     assert Path(database).read_bytes() == before
     write_html(database, odd / "page.html")  # a path with URI metacharacters opens as itself
-    assert (odd / "page.html").read_text(encoding="utf-8").count("<tr>") == 1 + 5
+    assert (odd / "page.html").read_text(encoding="utf-8").count("<tr>") == 1 + len(reports) + len(ERRORS)
 
 
 @pytest.mark.parametrize("required", [True, False])
