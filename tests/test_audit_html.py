@@ -404,3 +404,25 @@ def test_without_a_browser_the_tests_fail_when_required_and_skip_otherwise(tmp_p
     assert ("1 error" in result.stdout or "1 failed" in result.stdout) is required, result.stdout
     assert ("1 skipped" in result.stdout) is not required, result.stdout
     assert "chromium and chromedriver are not installed" in result.stdout
+
+
+def test_the_page_is_one_snapshot_of_a_database_being_written(audit_page, reports, tmp_path, monkeypatch):
+    """An audit commits while the page is written: the page shows the database as it was
+    when writing began, its counts and its rows alike."""
+    import ddiscan.auditing.html as page
+
+    database = Path(shutil.copy(audit_page.parent / "audit.sqlite", tmp_path / "audit.sqlite"))
+    real = page.write_atomic_stream
+
+    def commit_meanwhile(path, fill):
+        writer = sqlite3.connect(database)
+        with writer:
+            add_adapter(writer, "arrived-meanwhile", next(iter(reports.values())))
+        writer.close()
+        real(path, fill)
+
+    monkeypatch.setattr(page, "write_atomic_stream", commit_meanwhile)
+    write_html(database, tmp_path / "page.html")
+    text = (tmp_path / "page.html").read_text(encoding="utf-8")
+    total = len(reports) + len(ERRORS)
+    assert f"{total} adapters" in text and text.count("<tr>") == 1 + total and "arrived-meanwhile" not in text

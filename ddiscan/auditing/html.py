@@ -66,6 +66,7 @@ def _reading(db_path):
         if version != SCHEMA_VERSION:
             raise InputError(f"{where}: not a ddiscan audit database of schema version {SCHEMA_VERSION} "
                              f"(its version is {version})")
+        connection.execute("BEGIN")  # one read transaction: one snapshot, while an audit may be committing
         yield connection
     except sqlite3.Error as exc:
         raise InputError(f"{where}: cannot read the audit database ({printable(exc)})") from None
