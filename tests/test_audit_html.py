@@ -30,7 +30,7 @@ from safetensors_builders import llama_peft_tensors, peft_config, write_llama_pa
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "ddiscan" / "auditing" / "schema.sql"
-REQUIRED = bool(os.environ.get("CI") or os.environ.get("DDISCAN_REQUIRE_BROWSER"))
+REQUIRED = any(os.environ.get(name, "").lower() not in ("", "0", "false") for name in ("CI", "DDISCAN_REQUIRE_BROWSER"))
 WAIT_S = 20
 HOSTILE = [
     "</script><script>window.pwned=1</script>",
