@@ -50,6 +50,11 @@ def _bools(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, bool) for v in value)
 
 
+def _mlx_lora_parameters(value) -> bool:
+    """mlx-lm's ``lora_parameters``: ``{"rank": 8, "scale": 20.0, "dropout": 0.0, …}``."""
+    return isinstance(value, dict) and _positive_int(value.get("rank")) and _number(value.get("scale"))
+
+
 def _patterns(check):
     return _optional(lambda value: isinstance(value, dict) and all(check(v) for v in value.values()))
 
@@ -69,6 +74,7 @@ CONFIG_SCHEMA = {
     "exclude_modules": (_optional(_str_or_strs), "a string or a list of strings"),
     "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string"),
     "peft_type": (_optional(lambda v: isinstance(v, str)), "a string"),
+    "lora_parameters": (_optional(_mlx_lora_parameters), "an object with a positive integer 'rank' and a number 'scale'"),
 }
 
 
@@ -96,7 +102,8 @@ def _read_config(path: Path) -> dict:
 
 
 def load_adapter(path) -> Adapter:
-    """Open an adapter: a ``.safetensors`` file or a PEFT directory.
+    """Open an adapter: a ``.safetensors`` file, a PEFT directory or an MLX-LM one
+    (``adapters.safetensors`` + ``adapter_config.json``, as ``mlx_lm lora`` writes them).
 
     A file's sibling ``adapter_config.json`` is used when present; otherwise the
     ``lora_adapter_metadata`` diffusers stores in the file's ``__metadata__``.
@@ -106,11 +113,14 @@ def load_adapter(path) -> Adapter:
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
         file_path = path / "adapter_model.safetensors"
+        if not file_path.exists() and (path / "adapters.safetensors").exists():
+            file_path = path / "adapters.safetensors"
         if not file_path.exists():
             for pickled in ("adapter_model.bin", "adapter_model.pt"):
                 if (path / pickled).exists():
                     check_not_pickle(path / pickled)
-            raise InputError(f"{path}: not a PEFT adapter directory (no adapter_model.safetensors)")
+            raise InputError(f"{path}: not a PEFT adapter directory (no adapter_model.safetensors, nor MLX-LM's "
+                             "adapters.safetensors)")
     else:
         file_path = path
     file = SafetensorsFile(file_path)

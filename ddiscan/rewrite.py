@@ -75,8 +75,10 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
 
 
 def _exclude(config: dict | None, names: list[str]) -> dict | None:
-    """Add ``names`` (full module paths) to PEFT's ``exclude_modules`` (None: no config)."""
-    if config is None:
+    """Add ``names`` (full module paths) to PEFT's ``exclude_modules`` (None: no config, or
+    MLX-LM's, whose loader keeps a module with no tensors in the file at its initial, zero
+    update: lora_b starts at zeros and DoRA's m at W0's row norms)."""
+    if config is None or "lora_parameters" in config:
         return None
     config = dict(config)
     current = config.get("exclude_modules")  # a str or a list of str (lora.CONFIG_SCHEMA)
@@ -199,7 +201,7 @@ def _magnitudes(extra: list[str], replacements: dict) -> dict[str, np.ndarray]:
     """Zero mode: a DoRA magnitude is reset to W0's norms, which the caller gives."""
     out = {}
     for key in extra:
-        if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale")):
+        if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale", ".m")):  # .m: MLX-LM
             if key not in replacements:
                 raise UsageError(f"{key}: pruning a DoRA module in zero mode needs the base (to reset its magnitude)")
             out[key] = replacements[key]
