@@ -218,3 +218,28 @@ def test_a_config_whose_rank_disagrees_is_refused(trained, tmp_path):
     result = CliRunner().invoke(cli, ["report", str(root / "mlx-base"), str(copy)])
     (line,) = result.stderr.splitlines()
     assert result.exit_code != 0 and "'lora_parameters' must be an object" in line
+
+
+def test_an_mlx_embedding_is_read_in_its_own_orientation(tmp_path):
+    """mlx-lm's LoRAEmbedding (lora_a num_embeddings × r, lora_b r × dims) merges
+    weight + scale·lora_a·lora_b (its fuse): not transposed, unlike its LoRALinear."""
+    from mlx_lm.tuner.lora import LoRAEmbedding
+
+    model = _model()
+    save_model(tmp_path / "mlx-base", model)
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": RANK, "scale": SCALE, "dropout": 0.0,
+                                     "keys": ["self_attn.q_proj", "model.embed_tokens"]})
+    _train(model)
+    _save_adapter(model, tmp_path / "adapter", "lora")
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding)
+    delta = SCALE * (np.array(layer.lora_a, np.float64) @ np.array(layer.lora_b, np.float64))
+    fused = np.array(layer.fuse().weight, np.float64) - np.array(layer.embedding.weight, np.float64)
+    np.testing.assert_allclose(fused, delta, rtol=0, atol=1e-5)
+    report = ddiscan.scan(tmp_path / "mlx-base", tmp_path / "adapter", exact=True)
+    (m,) = [m for m in report.modules if m.name == "model.embed_tokens"]
+    want = reference_scores(delta, np.array(layer.embedding.weight, np.float64), t=RANK)
+    assert (m.d, m.k) == (64, 32)
+    for field in SCORE_FIELDS + ("delta_norm", "base_norm"):
+        assert math.isclose(getattr(m, field), want[field], rel_tol=1e-6, abs_tol=1e-12), field
