@@ -13,10 +13,11 @@ from pathlib import Path
 from .errors import InputError, NoLoraPairs
 from .io.jsonfile import parse_json, read_json
 from .io.reader import SafetensorsFile, check_not_pickle
+from .refusals import why_not
 
 __all__ = ["Adapter", "CONFIG_SCHEMA", "LORA_PEFT_TYPES", "load_adapter", "check_peft_type"]
 
-LORA_PEFT_TYPES = ("LORA", "ADALORA")
+LORA_PEFT_TYPES = ("LORA", "ADALORA", "VERA")
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,12 @@ def load_adapter(path) -> Adapter:
 
 
 def check_peft_type(adapter: Adapter) -> None:
-    """adapter_config.json names the method: anything but LoRA/AdaLoRA is refused by name."""
+    """adapter_config.json names the method: anything but LoRA/AdaLoRA/VeRA is refused by
+    name, with the reason when DDI does not apply to it (:mod:`ddiscan.refusals`)."""
     peft_type = (adapter.config or {}).get("peft_type")
+    if peft_type is not None and why_not(peft_type):
+        raise NoLoraPairs(f"{adapter.config_source}: peft_type {peft_type} is not supported: {why_not(peft_type)}; "
+                          "DDI scores low-rank weight updates")
     if peft_type is not None and str(peft_type).upper() not in LORA_PEFT_TYPES:
         raise NoLoraPairs(
             f"{adapter.config_source}: peft_type {peft_type} is not LoRA; ddiscan reads LoRA and AdaLoRA "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from .errors import MatchError
 from .io.reader import SafetensorsFile
+from .refusals import why_not
 
 __all__ = ["PEFT_PREFIX", "KOHYA_PREFIXES", "Skipped", "Pair", "classify", "unread_summary", "adapter_kind",
            "module_keys", "mlx_transposed", "MLX_EMBEDDINGS"]
@@ -135,7 +136,8 @@ def _other_method(key: str, parts: list[str]) -> Skipped | None:
     """A tensor of another method (LoHa, LoKr, …), which ddiscan does not read."""
     algorithm = _algorithm(parts)
     if algorithm:
-        return Skipped(key, f"{algorithm} tensor (not LoRA; not supported yet)")
+        why = why_not(algorithm)
+        return Skipped(key, f"{algorithm} tensor (not LoRA; not supported{': ' + why if why else ' yet'})")
     return None
 
 
