@@ -12,6 +12,7 @@ import math
 from .errors import ShapeMismatch, UnsupportedDtype
 from .grammars import Pair, mlx_transposed
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
+from .vera import vera_shapes
 
 __all__ = ["factor_shapes", "check_float_factors", "check_singular", "check_magnitude", "nonempty", "base_fit"]
 
@@ -23,6 +24,8 @@ def factor_shapes(pair: Pair, file: SafetensorsFile) -> tuple[int, int, int, str
     where = f"{file.path}: {pair.up} {list(up)} / {pair.down} {list(down)}"
     if pair.style == "mlx":
         return _mlx_shapes(pair, up, down, where)
+    if pair.style == "vera":
+        return vera_shapes(pair.up, pair.down, file)
     if pair.embedding:
         # lora_embedding_A is r × num_embeddings, lora_embedding_B is dim × r; ΔW = (B·A)ᵀ
         if len(up) != 2 or len(down) != 2 or up[1] != down[0]:

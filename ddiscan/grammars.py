@@ -77,8 +77,10 @@ class _Slot:
 
 
 # Key components that name a non-LoRA PEFT/LyCORIS method, by prefix.
-_ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"),
-               ("vera_", "VeRA"))
+_ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"))
+# PEFT's VeRA (ddiscan.vera): per module <path>.vera_lambda_b / vera_lambda_d, shared base_model.vera_A / vera_B
+_VERA_PARTS = {"vera_lambda_b": "up", "vera_lambda_d": "down"}
+_VERA_SHARED = ("vera_A", "vera_B")
 # "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
 _LORA_WORD = re.compile(r"(?:^|_)lora(?:_|$)", re.IGNORECASE)
 # mlx-lm's LoRALinear (mlx_lm/tuner/lora.py): <module>.lora_a (in × r), <module>.lora_b (r × out), transposed
@@ -157,6 +159,20 @@ def _mlx_slot(parts: list[str], mlx_modules: set[str]) -> _Slot | None:
     return _Slot(name, "down" if down else "up", "mlx", embedding=embedding)
 
 
+def _vera_slot(parts: list[str]) -> _Slot | Skipped | None:
+    """VeRA's ``[base_model.model.]<path>.vera_lambda_b[.<adapter>]`` (up) and ``vera_lambda_d``
+    (down); its shared ``base_model.vera_A`` / ``vera_B``, read with each module, as skipped."""
+    found = next((i for i in (len(parts) - 1, len(parts) - 2) if i >= 0 and parts[i] in (*_VERA_PARTS, *_VERA_SHARED)),
+                 None)
+    if found is None:
+        return None
+    if parts[found] in _VERA_SHARED:
+        return Skipped(".".join(parts), "VeRA's shared projection (read with each module)")
+    adapter_name = parts[found + 1] if found + 1 < len(parts) else None
+    name = ".".join(parts[:found]).removeprefix(PEFT_PREFIX)
+    return _Slot(name, _VERA_PARTS[parts[found]], "vera", adapter_name) if name else None
+
+
 def mlx_transposed(pair: Pair) -> bool:
     """Whether ``pair``'s factor tensors are stored transposed (an MLX-LM Linear's)."""
     return pair.style == "mlx" and not pair.embedding
@@ -217,7 +233,11 @@ def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
         if other is not None:
             unread.append(other)
             continue
-        slot = (_mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts) or _scalar_slot(parts)
+        slot = _vera_slot(parts)
+        if isinstance(slot, Skipped):
+            skipped.append(slot)
+            continue
+        slot = (slot or _mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts) or _scalar_slot(parts)
                 or _peft_slot(parts))
         if slot is not None:
             pairs.setdefault(slot.name, Pair(slot.name)).add(slot, key)

@@ -39,6 +39,7 @@ from .grammars import (KOHYA_PREFIXES, PEFT_PREFIX, Pair, Skipped, adapter_kind,
 from .io.index import TensorIndex
 from .io.reader import SafetensorsFile
 from .scaling import module_scale
+from .vera import vera_factors, vera_width
 
 __all__ = [
     "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
@@ -70,6 +71,7 @@ class LoraModule:
     singular_key: str | None = None  # AdaLoRA's lora_E, folded into down
     bias_key: str | None = None  # PEFT's lora_B.bias (lora_bias=True)
     transpose_factors: bool = False  # MLX-LM: the file holds upᵀ and downᵀ
+    vera: bool = False  # VeRA: up_key is lambda_b, down_key lambda_d (ddiscan.vera)
 
     @property
     def kind(self) -> str:
@@ -220,6 +222,7 @@ def _match_pair(pair: Pair, file: SafetensorsFile, base: TensorIndex, lookup: Ba
         findings.unmatched.append(pair.down)
         return None
     check_not_quantized(base, lookup.keys, base_key)
+    k = vera_width(base.info(base_key).shape, d, k) if pair.style == "vera" else k
     as_is, transposed = base_fit(base.info(base_key).shape, d, k)
     if not (as_is or transposed):
         raise ShapeMismatch(
@@ -255,7 +258,7 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
             name=pair.name, base_key=m.base_key, up_key=pair.up, down_key=pair.down, layout=m.layout,
             d=m.d, k=m.k, r=m.r, scale=scale, scale_source=source, transpose_base=transpose,
             dora_key=pair.dora, alpha_key=pair.alpha, singular_key=pair.singular, bias_key=pair.bias,
-            transpose_factors=mlx_transposed(pair),
+            transpose_factors=mlx_transposed(pair), vera=pair.style == "vera",
         ))
     return modules
 
@@ -266,6 +269,8 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
 
 def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray, np.ndarray]:
     """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
+    if module.vera:
+        return vera_factors(module.up_key, module.down_key, module.k, file)
     up = np.asarray(file.array(module.up_key), dtype=np.float64)
     down = np.asarray(file.array(module.down_key), dtype=np.float64)
     if module.singular_key is not None:  # AdaLoRA: B·diag(E)·A, zero rows of E included

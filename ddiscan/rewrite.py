@@ -138,8 +138,8 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     if unknown:
         raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
     plan = _plan(file, keys, pruned, mode, replacements or {})
-    if mode == "drop" and len(pruned) == len(keys):
-        raise OptionError("{mode} drop would remove every LoRA module; use {mode} zero", "mode")
+    if mode == "drop":
+        _check_drop(file, len(pruned) == len(keys))
     factor_keys = {k for ks in keys.values() for k in ks["factors"]}
     total = sum(file.tensors[k].numel for k in factor_keys)
     removed = 0 if mode == "project" else sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
@@ -156,6 +156,15 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "dropped": sorted(plan.dropped),
         "renamed": dict(sorted(plan.renamed.items())),
     }
+
+
+def _check_drop(file: SafetensorsFile, every_module: bool) -> None:
+    """Drop mode must leave a module, and cannot drop VeRA's (PEFT would not load the result)."""
+    if every_module:
+        raise OptionError("{mode} drop would remove every LoRA module; use {mode} zero", "mode")
+    if any(k.rsplit(".", 1)[-1].startswith("vera_lambda_") for k in file.keys()):
+        raise OptionError("{mode} drop cannot remove a VeRA module (VeraConfig has no exclude_modules, and PEFT sizes "
+                          "the shared vera_A/vera_B from the targeted modules); use {mode} zero", "mode")
 
 
 def _write(adapter: Adapter, output: Path, entries, meta: dict[str, str], config: dict | None, force: bool) -> list[str]:

@@ -140,6 +140,8 @@ def module_scale(adapter: Adapter, pair: Pair, rank: int, alpha: float | None, s
             a = _scalar(adapter.file, pair.alpha)
             return a / rank, f"{pair.alpha} (alpha={a:g}/r={rank})"
         return 1.0, "default (no .alpha tensor: alpha = r)"
+    if pair.style == "vera":
+        return 1.0, "VeRA (no scaling: ΔW = diag(lambda_b)·vera_B·diag(lambda_d)·vera_A)"
     if pair.style == "mlx":
         return _mlx_scale(adapter, rank) or (1.0, "default (no adapter config)")
     if pair.singular is not None or (adapter.config or {}).get("peft_type") == "ADALORA":

@@ -487,6 +487,11 @@ CASES = {
     "MLX-LM lora_a and lora_b ranks differ": _mlx_adapter(lambda: {
         "model.layers.0.self_attn.q_proj.lora_a": lora_pair(HIDDEN, HIDDEN, 4)[0].T.copy(),
         "model.layers.0.self_attn.q_proj.lora_b": lora_pair(HIDDEN, HIDDEN, 3)[1].T.copy()}),
+    "VeRA adapter missing vera_A": _adapter_tensors(lambda: {
+        f"{STEM}.q_proj.vera_lambda_b": np.ones(HIDDEN, np.float32),
+        f"{STEM}.q_proj.vera_lambda_d": np.ones(4, np.float32),
+        "base_model.vera_B": lora_pair(HIDDEN, HIDDEN, 4)[1]},
+        config={"peft_type": "VERA", "r": 4, "save_projection": True, "target_modules": ["q_proj"]}),
     "no LoRA pairs": _adapter_tensors(lambda: {"base_model.model.lm_head.weight": np.ones((4, 4), np.float32)}),
     "unmatched module": _adapter_tensors(lambda: {
         **llama_peft_tensors(1, 4, projs=("q_proj",)),
