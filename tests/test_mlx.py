@@ -74,9 +74,10 @@ def _train(model, steps: int = 3) -> None:
 
 
 def _save_adapter(model, directory: Path, fine_tune_type: str) -> None:
-    """As ``mlx_lm lora`` saves: its config (vars(args)) and the trainable parameters."""
+    """As ``mlx_lm lora --model <the MLX base>`` saves: its config (vars(args)) and the
+    trainable parameters."""
     directory.mkdir(parents=True)
-    args = dict(CONFIG_DEFAULTS, fine_tune_type=fine_tune_type, num_layers=2, adapter_path=str(directory),
+    args = dict(CONFIG_DEFAULTS, model=str(directory.parent / "mlx-base"), fine_tune_type=fine_tune_type, num_layers=2, adapter_path=str(directory),
                 lora_parameters={"rank": RANK, "scale": SCALE, "dropout": 0.0})
     save_config(args, directory / "adapter_config.json")
     mx.save_safetensors(str(directory / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
@@ -199,6 +200,16 @@ def test_check_scans_an_mlx_adapter(trained, tmp_path):
         assert result.exit_code == 1, result.output
         assert "adapters.safetensors:1: model.layers.1.self_attn.q_proj: DDI" in result.stdout
         assert "passed over" not in result.stderr
+
+
+def test_the_base_is_the_configs_model(trained):
+    """mlx_lm lora records its --model in adapter_config.json: the base looked up offline."""
+    root, _ = trained
+    found = ddiscan.find_base(root / "adapter")
+    assert Path(found.path) == root / "mlx-base"
+    result = CliRunner().invoke(cli, ["report", str(root / "adapter"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["inputs"]["base"]["path"].startswith(str(root / "mlx-base"))
 
 
 def test_a_config_whose_rank_disagrees_is_refused(trained, tmp_path):
