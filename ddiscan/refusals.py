@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = ["NOT_LOW_RANK", "why_not"]
 
-_ROTATION = ("rotates W0 (W = R·W0, R orthogonal): its ΔW = (R − I)·W0 lies in W0's own column space, "
+_ROTATION = ("rotates W0 (W = W0·Rᵀ, R orthogonal): its ΔW = W0·(Rᵀ − I) lies in W0's own column space, "
              "so DDI's deviation O is ~0 by construction")
 _PROMPT = "trains virtual prompt or prefix vectors, with no update of any weight"
 
