@@ -140,6 +140,9 @@ def check_peft_type(adapter: Adapter) -> None:
     """adapter_config.json names the method: anything but LoRA/AdaLoRA/VeRA is refused by
     name, with the reason when DDI does not apply to it (:mod:`ddiscan.refusals`)."""
     peft_type = (adapter.config or {}).get("peft_type")
+    if (adapter.config or {}).get("fine_tune_type") == "full":  # mlx_lm lora --fine-tune-type full
+        raise NoLoraPairs(f"{adapter.config_source}: fine_tune_type full is an MLX-LM full fine-tune (whole "
+                          "weights, no low-rank update); DDI scores low-rank weight updates")
     if peft_type is not None and why_not(peft_type):
         raise NoLoraPairs(f"{adapter.config_source}: peft_type {peft_type} is not supported: {why_not(peft_type)}; "
                           "DDI scores low-rank weight updates")

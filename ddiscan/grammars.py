@@ -1,11 +1,13 @@
 """The key grammars of LoRA adapters: which tensor of a file is which factor of which module.
 
-Four layouts are told apart by the key names alone (SPEC.md §1; :mod:`ddiscan.lora` lists
-them): PEFT (``<path>.lora_A[.<adapter>].weight`` …), kohya / sd-scripts
+Five layouts are told apart by the key names alone (SPEC.md §1, §8, §9; :mod:`ddiscan.lora`
+lists them): PEFT (``<path>.lora_A[.<adapter>].weight`` …), kohya / sd-scripts
 (``<name>.lora_down.weight`` …), diffusers before PEFT (``<path>.lora.down.weight``,
-``<attn>.processor.to_q_lora.down.weight`` …) and MLX-LM (``<module>.lora_a`` in × r,
-``<module>.lora_b`` r × out, DoRA's ``<module>.m``). :func:`classify` groups a file's keys into :class:`Pair` s and names
-every other tensor as skipped (no update) or unread (an update ddiscan cannot read).
+``<attn>.processor.to_q_lora.down.weight`` …), MLX-LM (``<module>.lora_a`` in × r,
+``<module>.lora_b`` r × out, DoRA's ``<module>.m``) and PEFT's VeRA (``vera_lambda_b`` /
+``vera_lambda_d``, shared ``vera_A`` / ``vera_B``). :func:`classify` groups a file's keys into
+:class:`Pair` s and names every other tensor as skipped (no update) or unread (an update
+ddiscan cannot read).
 """
 
 from __future__ import annotations

@@ -10,12 +10,11 @@ Four key layouts are read (SPEC.md §1, §8): **PEFT** (also diffusers' and merg
 ``lora_embedding_A/B``; AdaLoRA's ``lora_E``), scaled from ``adapter_config.json`` or
 diffusers' ``lora_adapter_metadata``; **kohya / sd-scripts** (``<name>.lora_down.weight`` /
 ``lora_up`` / ``.alpha``); **diffusers before PEFT** (``<path>.lora.down.weight``,
-``lora_linear_layer``, ``processor.to_q_lora``, ``.alpha``); **MLX-LM** (``<module>.lora_a``
-in × r, ``<module>.lora_b`` r × out, DoRA's ``<module>.m``), scaled by its config's
-``lora_parameters.scale``.
+``lora_linear_layer``, ``processor.to_q_lora``, ``.alpha``); **MLX-LM** (``lora_a`` in × r,
+``lora_b`` r × out, DoRA's ``m``; ``lora_parameters.scale``). VeRA is :mod:`ddiscan.vera`'s.
 
 Every other tensor that carries an update (a LoRA-looking key in no layout above, or a
-LoHa/LoKr/OFT/BOFT/IA3/VeRA tensor) is *unread*: an error, or a counted warning with
+LoHa/LoKr/OFT/BOFT/IA3 tensor) is *unread*: an error, or a counted warning with
 ``allow_unmatched``, never a silent drop.
 
 Every module is returned in PyTorch ``nn.Linear`` terms: ``up`` is d × r, ``down`` is r × k

@@ -78,7 +78,7 @@ def _save_adapter(model, directory: Path, fine_tune_type: str) -> None:
     trainable parameters."""
     directory.mkdir(parents=True)
     args = dict(CONFIG_DEFAULTS, model=str(directory.parent / "mlx-base"), fine_tune_type=fine_tune_type, num_layers=2, adapter_path=str(directory),
-                lora_parameters={"rank": RANK, "scale": SCALE, "dropout": 0.0})
+                lora_parameters=None if fine_tune_type == "full" else {"rank": RANK, "scale": SCALE, "dropout": 0.0})
     save_config(args, directory / "adapter_config.json")
     mx.save_safetensors(str(directory / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
 
@@ -254,3 +254,19 @@ def test_an_mlx_embedding_is_read_in_its_own_orientation(tmp_path):
     assert (m.d, m.k) == (64, 32)
     for field in SCORE_FIELDS + ("delta_norm", "base_norm"):
         assert math.isclose(getattr(m, field), want[field], rel_tol=1e-6, abs_tol=1e-12), field
+
+
+def test_a_full_fine_tune_is_refused_in_one_line(tmp_path):
+    """``mlx_lm lora --fine-tune-type full`` unfreezes the last layers and saves their whole
+    weights in adapters.safetensors: no low-rank update to score."""
+    model = _model()
+    save_model(tmp_path / "mlx-base", model)
+    model.freeze()
+    for layer in model.layers[-1:]:
+        layer.unfreeze()
+    _train(model, steps=1)
+    _save_adapter(model, tmp_path / "adapter", "full")
+    result = CliRunner().invoke(cli, ["report", str(tmp_path / "mlx-base"), str(tmp_path / "adapter")])
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.splitlines()
+    assert "fine_tune_type full" in line and "full fine-tune" in line
