@@ -131,3 +131,29 @@ def test_without_the_shared_projection_it_is_refused_naming_the_option(tmp_path)
     assert result.exit_code == 3, result.output
     (line,) = result.stderr.splitlines()
     assert "save_projection=True" in line and "vera_A" in line
+
+
+def test_gpt2_conv1d_modules_are_read_in_their_stored_orientation(tmp_path):
+    """GPT-2's Conv1D stores W0 as in × out (fan_in_fan_out): VeRA's ΔW is still
+    out × in, sliced by the module's in- and out-features."""
+    from test_real_peft import tiny_gpt2
+
+    base = tiny_gpt2()
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, VeraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                                vera_dropout=0.0))
+    train_causal_lm(model, vocab=100)
+    model.save_pretrained(tmp_path / "adapter")
+    report = ddiscan.scan(tmp_path / "base", tmp_path / "adapter", exact=True)
+    layers = _layers(model)
+    assert {m.name for m in report.modules} == set(layers)
+    for m in report.modules:
+        layer = layers[m.name]
+        delta = _delta64(layer).detach()
+        torch.testing.assert_close(layer.get_delta_weight("default").double().T, delta, rtol=0, atol=1e-6)
+        want = reference_scores(delta.numpy(), layer.get_base_layer().weight.detach().double().numpy().T, t=4)
+        assert (m.d, m.k) == (layer.out_features, layer.in_features)
+        for field in SCORE_FIELDS + ("delta_norm", "base_norm"):
+            assert math.isclose(getattr(m, field), want[field], rel_tol=1e-6, abs_tol=1e-12), (m.name, field)
