@@ -75,7 +75,8 @@ CONFIG_SCHEMA = {
     "exclude_modules": (_optional(_str_or_strs), "a string or a list of strings"),
     "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string"),
     "peft_type": (_optional(lambda v: isinstance(v, str)), "a string"),
-    "lora_parameters": (_optional(_mlx_lora_parameters), "an object with a positive integer 'rank' and a number 'scale'"),
+    "lora_parameters": (_optional(_mlx_lora_parameters),  # MLX-LM's
+                        "an object with a positive integer 'rank' and a number 'scale'"),
 }
 
 

@@ -239,8 +239,8 @@ def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
         if isinstance(slot, Skipped):
             skipped.append(slot)
             continue
-        slot = (slot or _mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts) or _scalar_slot(parts)
-                or _peft_slot(parts))
+        slot = (slot or _mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts)
+                or _scalar_slot(parts) or _peft_slot(parts))
         if slot is not None:
             pairs.setdefault(slot.name, Pair(slot.name)).add(slot, key)
             continue

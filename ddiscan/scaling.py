@@ -112,8 +112,8 @@ def _mlx_scale(adapter: Adapter, rank: int) -> tuple[float, str] | None:
     source = adapter.config_source
     parameters = config.get("lora_parameters")
     if not isinstance(parameters, dict):  # its type is checked by ddiscan.adapter.CONFIG_SCHEMA
-        raise InputError(f"{literal(str(source))}: an MLX-LM adapter's config needs lora_parameters (rank, scale), or give "
-                         f"{{scaling}}", "scaling")
+        raise InputError(f"{literal(str(source))}: an MLX-LM adapter's config needs lora_parameters (rank, scale), "
+                         "or give {scaling}", "scaling")
     if parameters["rank"] != rank:
         raise ShapeMismatch(f"{source}: says lora_parameters.rank={parameters['rank']}, but its LoRA tensors have "
                             f"rank {rank}")

@@ -77,7 +77,8 @@ def _save_adapter(model, directory: Path, fine_tune_type: str) -> None:
     """As ``mlx_lm lora --model <the MLX base>`` saves: its config (vars(args)) and the
     trainable parameters."""
     directory.mkdir(parents=True)
-    args = dict(CONFIG_DEFAULTS, model=str(directory.parent / "mlx-base"), fine_tune_type=fine_tune_type, num_layers=2, adapter_path=str(directory),
+    args = dict(CONFIG_DEFAULTS, model=str(directory.parent / "mlx-base"), fine_tune_type=fine_tune_type, num_layers=2,
+                adapter_path=str(directory),
                 lora_parameters=None if fine_tune_type == "full" else {"rank": RANK, "scale": SCALE, "dropout": 0.0})
     save_config(args, directory / "adapter_config.json")
     mx.save_safetensors(str(directory / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))

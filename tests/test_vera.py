@@ -15,13 +15,12 @@ import warnings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from peft import PeftModel, VeraConfig, get_peft_model  # noqa: E402
 from peft.tuners.vera import VeraLayer  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 from test_real_peft import SCORE_FIELDS, reference_scores, tiny_llama, train_causal_lm  # noqa: E402
 
@@ -93,7 +92,8 @@ def test_pruned_adapter_loads_in_peft_and_merges_to_w0(trained, tmp_path):
     assert result.exit_code == 0, result.output
     pruned = set(json.loads((tmp_path / "r.json").read_text())["selection"]["pruned"])
     assert len(pruned) == 3
-    original, written = load_file(root / "adapter" / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    original = load_file(root / "adapter" / "adapter_model.safetensors")
+    written = load_file(out / "adapter_model.safetensors")
     assert set(written) == set(original)
     for key in ("base_model.vera_A", "base_model.vera_B"):  # the shared projections are never touched
         assert torch.equal(written[key], original[key])
