@@ -13,10 +13,11 @@ from pathlib import Path
 from .errors import InputError, NoLoraPairs
 from .io.jsonfile import parse_json, read_json
 from .io.reader import SafetensorsFile, check_not_pickle
+from .refusals import why_not
 
 __all__ = ["Adapter", "CONFIG_SCHEMA", "LORA_PEFT_TYPES", "load_adapter", "check_peft_type"]
 
-LORA_PEFT_TYPES = ("LORA", "ADALORA")
+LORA_PEFT_TYPES = ("LORA", "ADALORA", "VERA")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,11 @@ def _bools(value) -> bool:
     return isinstance(value, list) and all(isinstance(v, bool) for v in value)
 
 
+def _mlx_lora_parameters(value) -> bool:
+    """mlx-lm's ``lora_parameters``: ``{"rank": 8, "scale": 20.0, "dropout": 0.0, …}``."""
+    return isinstance(value, dict) and _positive_int(value.get("rank")) and _number(value.get("scale"))
+
+
 def _patterns(check):
     return _optional(lambda value: isinstance(value, dict) and all(check(v) for v in value.values()))
 
@@ -69,6 +75,8 @@ CONFIG_SCHEMA = {
     "exclude_modules": (_optional(_str_or_strs), "a string or a list of strings"),
     "base_model_name_or_path": (_optional(lambda v: isinstance(v, str)), "a string"),
     "peft_type": (_optional(lambda v: isinstance(v, str)), "a string"),
+    "lora_parameters": (_optional(_mlx_lora_parameters),  # MLX-LM's
+                        "an object with a positive integer 'rank' and a number 'scale'"),
 }
 
 
@@ -96,7 +104,8 @@ def _read_config(path: Path) -> dict:
 
 
 def load_adapter(path) -> Adapter:
-    """Open an adapter: a ``.safetensors`` file or a PEFT directory.
+    """Open an adapter: a ``.safetensors`` file, a PEFT directory or an MLX-LM one
+    (``adapters.safetensors`` + ``adapter_config.json``, as ``mlx_lm lora`` writes them).
 
     A file's sibling ``adapter_config.json`` is used when present; otherwise the
     ``lora_adapter_metadata`` diffusers stores in the file's ``__metadata__``.
@@ -106,11 +115,14 @@ def load_adapter(path) -> Adapter:
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
         file_path = path / "adapter_model.safetensors"
+        if not file_path.exists() and (path / "adapters.safetensors").exists():
+            file_path = path / "adapters.safetensors"
         if not file_path.exists():
             for pickled in ("adapter_model.bin", "adapter_model.pt"):
                 if (path / pickled).exists():
                     check_not_pickle(path / pickled)
-            raise InputError(f"{path}: not a PEFT adapter directory (no adapter_model.safetensors)")
+            raise InputError(f"{path}: not a PEFT adapter directory (no adapter_model.safetensors, nor MLX-LM's "
+                             "adapters.safetensors)")
     else:
         file_path = path
     file = SafetensorsFile(file_path)
@@ -126,8 +138,15 @@ def load_adapter(path) -> Adapter:
 
 
 def check_peft_type(adapter: Adapter) -> None:
-    """adapter_config.json names the method: anything but LoRA/AdaLoRA is refused by name."""
+    """adapter_config.json names the method: anything but LoRA/AdaLoRA/VeRA is refused by
+    name, with the reason when DDI does not apply to it (:mod:`ddiscan.refusals`)."""
     peft_type = (adapter.config or {}).get("peft_type")
+    if (adapter.config or {}).get("fine_tune_type") == "full":  # mlx_lm lora --fine-tune-type full
+        raise NoLoraPairs(f"{adapter.config_source}: fine_tune_type full is an MLX-LM full fine-tune (whole "
+                          "weights, no low-rank update); DDI scores low-rank weight updates")
+    if peft_type is not None and why_not(peft_type):
+        raise NoLoraPairs(f"{adapter.config_source}: peft_type {peft_type} is not supported: {why_not(peft_type)}; "
+                          "DDI scores low-rank weight updates")
     if peft_type is not None and str(peft_type).upper() not in LORA_PEFT_TYPES:
         raise NoLoraPairs(
             f"{adapter.config_source}: peft_type {peft_type} is not LoRA; ddiscan reads LoRA and AdaLoRA "

@@ -31,7 +31,7 @@ LIMITS = {
 }
 # the limits that apply to each method's scores
 _METHOD_LIMITS = {"ddi": ("max_ddi", "max_ddi_norm"), "safelora": ("min_cosine",), "splora": ("max_ediem",)}
-_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
+_PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt", "adapters.safetensors")
 
 
 @dataclass(frozen=True)
@@ -155,7 +155,7 @@ def adapter_of(path: str) -> tuple[str | None, str | None]:
     """The adapter a file belongs to (a PEFT directory for its config or weights file), or
     None and why the file is not one.
 
-    A PEFT directory (adapter_config.json and adapter weights) is always checked, and so is
+    A PEFT or MLX-LM directory (adapter_config.json and adapter weights) is always checked, and so is
     any file whose keys the reader takes for LoRA tensors, so that a broken adapter fails;
     only a file with no such key at all, or a config with no weights, is passed over.
     """
@@ -166,11 +166,9 @@ def adapter_of(path: str) -> tuple[str | None, str | None]:
         return None, f"{path}: no adapter_model.safetensors beside it, not a PEFT adapter; passed over"
     if p.suffix != ".safetensors" or not p.is_file():
         return path, None
-    if p.name == _PEFT_WEIGHTS[0] and (p.parent / "adapter_config.json").is_file():
+    if p.name in (_PEFT_WEIGHTS[0], _PEFT_WEIGHTS[-1]) and (p.parent / "adapter_config.json").is_file():
         return str(p.parent), None
     kind = adapter_kind(SafetensorsFile(p).keys())
     if kind is None:
         return None, f"{path}: not a LoRA adapter (no LoRA key in its header, not in a PEFT directory); passed over"
-    if kind == "mlx":
-        return None, f"{path}: an MLX-LM adapter (lora_a/lora_b keys), which ddiscan does not read yet; passed over"
     return path, None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 from .errors import ShapeMismatch, UnsupportedDtype
-from .grammars import Pair
+from .grammars import Pair, mlx_transposed
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
+from .vera import vera_shapes
 
 __all__ = ["factor_shapes", "check_float_factors", "check_singular", "check_magnitude", "nonempty", "base_fit"]
 
@@ -21,6 +22,10 @@ def factor_shapes(pair: Pair, file: SafetensorsFile) -> tuple[int, int, int, str
     up = file.tensors[pair.up].shape
     down = file.tensors[pair.down].shape
     where = f"{file.path}: {pair.up} {list(up)} / {pair.down} {list(down)}"
+    if pair.style == "mlx":
+        return _mlx_shapes(pair, up, down, where)
+    if pair.style == "vera":
+        return vera_shapes(pair.up, pair.down, file)
     if pair.embedding:
         # lora_embedding_A is r × num_embeddings, lora_embedding_B is dim × r; ΔW = (B·A)ᵀ
         if len(up) != 2 or len(down) != 2 or up[1] != down[0]:
@@ -35,6 +40,19 @@ def factor_shapes(pair: Pair, file: SafetensorsFile) -> tuple[int, int, int, str
             raise ShapeMismatch(f"{where}: unsupported convolution LoRA layout")
         return up[0], math.prod(down[1:]), down[0], "conv"
     raise ShapeMismatch(f"{where}: LoRA factors must both be 2-D (or both 4-D convolution kernels)")
+
+
+def _mlx_shapes(pair: Pair, up, down, where: str) -> tuple[int, int, int, str]:
+    """mlx-lm's factors (mlx_lm/tuner/lora.py): a Linear's lora_a is in × r and lora_b r × out,
+    ΔW = s·(lora_a·lora_b)ᵀ; an embedding's lora_a is num_embeddings × r and lora_b r × dims,
+    ΔW = s·lora_a·lora_b, already in the stored (num_embeddings, dims) orientation."""
+    if len(up) != 2 or len(down) != 2:
+        raise ShapeMismatch(f"{where}: MLX-LM LoRA factors must both be 2-D (per-expert SwitchLinear LoRA is not read)")
+    if mlx_transposed(pair):
+        up, down = up[::-1], down[::-1]
+    if up[1] != down[0]:
+        raise ShapeMismatch(f"{where}: MLX-LM's lora_a is in × r and lora_b is r × out, but the ranks differ")
+    return up[0], down[1], down[0], "linear"
 
 
 def check_float_factors(pair: Pair, file: SafetensorsFile) -> None:

@@ -1,11 +1,13 @@
 """The key grammars of LoRA adapters: which tensor of a file is which factor of which module.
 
-Four layouts are told apart by the key names alone (SPEC.md §1; :mod:`ddiscan.lora` lists
-them): PEFT (``<path>.lora_A[.<adapter>].weight`` …), kohya / sd-scripts
+Five layouts are told apart by the key names alone (SPEC.md §1, §8, §9; :mod:`ddiscan.lora`
+lists them): PEFT (``<path>.lora_A[.<adapter>].weight`` …), kohya / sd-scripts
 (``<name>.lora_down.weight`` …), diffusers before PEFT (``<path>.lora.down.weight``,
-``<attn>.processor.to_q_lora.down.weight`` …) and MLX-LM (``lora_a``/``lora_b``, recognised
-but not read yet). :func:`classify` groups a file's keys into :class:`Pair` s and names
-every other tensor as skipped (no update) or unread (an update ddiscan cannot read).
+``<attn>.processor.to_q_lora.down.weight`` …), MLX-LM (``<module>.lora_a`` in × r,
+``<module>.lora_b`` r × out, DoRA's ``<module>.m``) and PEFT's VeRA (``vera_lambda_b`` /
+``vera_lambda_d``, shared ``vera_A`` / ``vera_B``). :func:`classify` groups a file's keys into
+:class:`Pair` s and names every other tensor as skipped (no update) or unread (an update
+ddiscan cannot read).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 
 from .errors import MatchError
 from .io.reader import SafetensorsFile
+from .refusals import why_not
 
 __all__ = ["PEFT_PREFIX", "KOHYA_PREFIXES", "Skipped", "Pair", "classify", "unread_summary", "adapter_kind",
-           "module_keys"]
+           "module_keys", "mlx_transposed", "MLX_EMBEDDINGS"]
 
 PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
@@ -39,7 +42,7 @@ class Pair:
     """The adapter keys of one LoRA module, gathered slot by slot from the key names."""
 
     name: str
-    style: str | None = None  # "peft", "kohya" or "diffusers", from the factor keys
+    style: str | None = None  # "peft", "kohya", "diffusers" or "mlx", from the factor keys
     up: str | None = None
     down: str | None = None
     embedding: bool = False
@@ -76,12 +79,17 @@ class _Slot:
 
 
 # Key components that name a non-LoRA PEFT/LyCORIS method, by prefix.
-_ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"),
-               ("vera_", "VeRA"))
+_ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"))
+# PEFT's VeRA (ddiscan.vera): per module <path>.vera_lambda_b / vera_lambda_d, shared base_model.vera_A / vera_B
+_VERA_PARTS = {"vera_lambda_b": "up", "vera_lambda_d": "down"}
+_VERA_SHARED = ("vera_A", "vera_B")
 # "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
 _LORA_WORD = re.compile(r"(?:^|_)lora(?:_|$)", re.IGNORECASE)
-# mlx-lm's LoRALinear (mlx_lm/tuner/lora.py): <module>.lora_a (in × r), <module>.lora_b (r × out)
+# mlx-lm's LoRALinear (mlx_lm/tuner/lora.py): <module>.lora_a (in × r), <module>.lora_b (r × out), transposed
+# against PEFT; its LoRAEmbedding: lora_a (num_embeddings × r), lora_b (r × dims), ΔW = s·lora_a·lora_b as stored
 _MLX_FACTORS = ("lora_a", "lora_b")
+# the module names mlx-lm's models give an nn.Embedding (the only modules it wraps in LoRAEmbedding)
+MLX_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # diffusers' attention-processor LoRA (LoRAAttnProcessor): <attn>.processor.to_q_lora.down.weight
 _PROCESSOR_FACTOR = re.compile(r"to_(q|k|v|out)_lora")
 
@@ -129,13 +137,47 @@ def _legit_skip(key: str, parts: list[str]) -> str | None:
 
 
 def _other_method(key: str, parts: list[str]) -> Skipped | None:
-    """A tensor of another method (LoHa, LoKr, … or MLX-LM's LoRA), which ddiscan does not read."""
+    """A tensor of another method (LoHa, LoKr, …), which ddiscan does not read."""
     algorithm = _algorithm(parts)
     if algorithm:
-        return Skipped(key, f"{algorithm} tensor (not LoRA; not supported yet)")
-    if parts[-1] in _MLX_FACTORS:
-        return Skipped(key, "MLX-LM LoRA tensor (not supported yet)")
+        why = why_not(algorithm)
+        return Skipped(key, f"{algorithm} tensor (not LoRA; not supported{': ' + why if why else ' yet'})")
     return None
+
+
+def _mlx_slot(parts: list[str], mlx_modules: set[str]) -> _Slot | None:
+    """mlx-lm's ``<module>.lora_a`` / ``<module>.lora_b`` and DoRA's ``<module>.m`` (beside a
+    lora_a). A Linear's factors are transposed against PEFT's (lora_a is downᵀ, lora_b upᵀ);
+    an embedding's are not (lora_a is up, lora_b down): :func:`mlx_transposed`."""
+    if len(parts) < 2:
+        return None
+    name = ".".join(parts[:-1])
+    if parts[-1] == "m" and name in mlx_modules:
+        return _Slot(name, "dora")
+    if parts[-1] not in _MLX_FACTORS:
+        return None
+    embedding = parts[-2] in MLX_EMBEDDINGS
+    down = (parts[-1] == "lora_a") != embedding
+    return _Slot(name, "down" if down else "up", "mlx", embedding=embedding)
+
+
+def _vera_slot(parts: list[str]) -> _Slot | Skipped | None:
+    """VeRA's ``[base_model.model.]<path>.vera_lambda_b[.<adapter>]`` (up) and ``vera_lambda_d``
+    (down); its shared ``base_model.vera_A`` / ``vera_B``, read with each module, as skipped."""
+    found = next((i for i in (len(parts) - 1, len(parts) - 2) if i >= 0 and parts[i] in (*_VERA_PARTS, *_VERA_SHARED)),
+                 None)
+    if found is None:
+        return None
+    if parts[found] in _VERA_SHARED:
+        return Skipped(".".join(parts), "VeRA's shared projection (read with each module)")
+    adapter_name = parts[found + 1] if found + 1 < len(parts) else None
+    name = ".".join(parts[:found]).removeprefix(PEFT_PREFIX)
+    return _Slot(name, _VERA_PARTS[parts[found]], "vera", adapter_name) if name else None
+
+
+def mlx_transposed(pair: Pair) -> bool:
+    """Whether ``pair``'s factor tensors are stored transposed (an MLX-LM Linear's)."""
+    return pair.style == "mlx" and not pair.embedding
 
 
 def _kohya_slot(parts: list[str]) -> _Slot | None:
@@ -185,13 +227,20 @@ def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
     pairs: dict[str, Pair] = {}
     skipped: list[Skipped] = []
     unread: list[Skipped] = []
+    keys = list(keys)
+    mlx_modules = {key.removesuffix(".lora_a") for key in keys if key.endswith(".lora_a")}
     for key in keys:
         parts = key.split(".")
         other = _other_method(key, parts)
         if other is not None:
             unread.append(other)
             continue
-        slot = _kohya_slot(parts) or _diffusers_slot(parts) or _scalar_slot(parts) or _peft_slot(parts)
+        slot = _vera_slot(parts)
+        if isinstance(slot, Skipped):
+            skipped.append(slot)
+            continue
+        slot = (slot or _mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts)
+                or _scalar_slot(parts) or _peft_slot(parts))
         if slot is not None:
             pairs.setdefault(slot.name, Pair(slot.name)).add(slot, key)
             continue
@@ -215,14 +264,11 @@ def unread_summary(unread: list[Skipped]) -> str:
 
 
 def adapter_kind(keys) -> str | None:
-    """What the key names alone say a file is: ``"mlx"`` for an MLX-LM adapter (its
-    ``lora_a``/``lora_b`` factors only, which ddiscan does not read yet), ``"adapter"`` when
-    any key is named as an adapter's (a LoRA factor, a DoRA magnitude, another method's
-    update tensor, PEFT's ``base_model.model.`` or kohya's ``lora_`` prefix), else None."""
+    """What the key names alone say a file is: ``"adapter"`` when any key is named as an
+    adapter's (a LoRA factor, a DoRA magnitude, another method's update tensor, PEFT's
+    ``base_model.model.`` or kohya's ``lora_`` prefix), else None."""
     keys = list(keys)
     pairs, _, unread = classify(keys)
-    if unread and all(k.key.rsplit(".", 1)[-1] in _MLX_FACTORS for k in unread) and not pairs:
-        return "mlx"
     if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys) or unread:
         return "adapter"
     return "adapter" if any(p.up or p.down or p.dora for p in pairs.values()) else None

@@ -89,7 +89,8 @@ def base_model_name(adapter_path) -> str:
 
 
 def _base_reference(adapter_path) -> tuple[str, str | None]:
-    """``base_model_name_or_path`` and ``revision`` (None if not named) of the adapter."""
+    """``base_model_name_or_path`` (MLX-LM's ``model``) and ``revision`` (None if not named)
+    of the adapter."""
     from .lora import load_adapter
 
     adapter = load_adapter(adapter_path)
@@ -98,10 +99,11 @@ def _base_reference(adapter_path) -> tuple[str, str | None]:
             f"{adapter_path}: no adapter_config.json (and no __metadata__['lora_adapter_metadata']) "
             "names the base model; pass BASE"
         )
-    name = adapter.config.get("base_model_name_or_path")
+    field = "model" if "lora_parameters" in adapter.config else "base_model_name_or_path"  # mlx_lm lora's config
+    name = adapter.config.get(field)
     if not isinstance(name, str) or not name.strip():
         raise InputError(
-            f"{adapter_path}: {adapter.config_source} has no base_model_name_or_path; pass BASE"
+            f"{adapter_path}: {adapter.config_source} has no {field}; pass BASE"
         )
     revision = adapter.config.get("revision")
     if revision is None or revision == "":

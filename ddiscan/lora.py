@@ -5,26 +5,16 @@ all of them: reading an adapter is :mod:`ddiscan.adapter`, the key grammars
 :mod:`ddiscan.grammars`, the base-key lookups and checks :mod:`ddiscan.basekeys`, the
 scaling :mod:`ddiscan.scaling`.
 
-Three key layouts are read (SPEC.md §1):
-
-* **PEFT** (also diffusers and mergekit, which use PEFT keys under other prefixes):
-  ``base_model.model.<path>.lora_A[.<adapter>].weight`` / ``lora_B`` (with ``lora_B.bias``
-  under ``lora_bias=True``), and ``<path>.lora_embedding_A`` / ``lora_embedding_B`` for
-  embeddings. The scaling comes from ``adapter_config.json`` (``r``, ``lora_alpha``,
-  ``use_rslora``, ``rank_pattern``, ``alpha_pattern``), or from the ``lora_adapter_metadata``
-  entry diffusers writes into the file's ``__metadata__``. AdaLoRA adds ``lora_E`` (r × 1):
-  ΔW = B·diag(E)·A · lora_alpha / (init_r + 1e-5), as PEFT's ``SVDLinear.get_delta_weight``.
-* **kohya / sd-scripts**: ``<name>.lora_down.weight``, ``<name>.lora_up.weight`` and an
-  optional ``<name>.alpha``, where ``<name>`` is ``lora_unet_``/``lora_te_``… followed by the
-  base key with dots written as underscores.
-* **diffusers before PEFT** (its SD/SDXL training scripts, ``LoRALinearLayer`` /
-  ``LoRAConv2dLayer``): ``<path>.lora.down.weight`` / ``.lora.up.weight``,
-  ``<path>.lora_linear_layer.down.weight`` (text encoders) and attention-processor keys
-  ``<attn>.processor.to_q_lora.down.weight`` (``to_k``/``to_v``; ``to_out_lora`` is
-  ``to_out.0``), with an optional ``<path>.alpha``: s = alpha / r, or 1 without one.
+Four key layouts are read (SPEC.md §1, §8): **PEFT** (also diffusers' and mergekit's:
+``[base_model.model.]<path>.lora_A[.<adapter>].weight`` / ``lora_B``, ``lora_B.bias``,
+``lora_embedding_A/B``; AdaLoRA's ``lora_E``), scaled from ``adapter_config.json`` or
+diffusers' ``lora_adapter_metadata``; **kohya / sd-scripts** (``<name>.lora_down.weight`` /
+``lora_up`` / ``.alpha``); **diffusers before PEFT** (``<path>.lora.down.weight``,
+``lora_linear_layer``, ``processor.to_q_lora``, ``.alpha``); **MLX-LM** (``lora_a`` in × r,
+``lora_b`` r × out, DoRA's ``m``; ``lora_parameters.scale``). VeRA is :mod:`ddiscan.vera`'s.
 
 Every other tensor that carries an update (a LoRA-looking key in no layout above, or a
-LoHa/LoKr/OFT/BOFT/IA3/VeRA tensor) is *unread*: an error, or a counted warning with
+LoHa/LoKr/OFT/BOFT/IA3 tensor) is *unread*: an error, or a counted warning with
 ``allow_unmatched``, never a silent drop.
 
 Every module is returned in PyTorch ``nn.Linear`` terms: ``up`` is d × r, ``down`` is r × k
@@ -43,10 +33,12 @@ from .basekeys import BaseMatch, BaseNames, check_not_quantized, conv1d_evidence
 from .errors import InputError, MatchError, NoLoraPairs, ShapeMismatch
 from .io.writer import literal
 from .factors import base_fit, check_float_factors, check_magnitude, check_singular, factor_shapes, nonempty
-from .grammars import KOHYA_PREFIXES, PEFT_PREFIX, Pair, Skipped, adapter_kind, classify, module_keys, unread_summary
+from .grammars import (KOHYA_PREFIXES, PEFT_PREFIX, Pair, Skipped, adapter_kind, classify, mlx_transposed, module_keys,
+                       unread_summary)
 from .io.index import TensorIndex
 from .io.reader import SafetensorsFile
 from .scaling import module_scale
+from .vera import vera_factors, vera_width
 
 __all__ = [
     "Adapter", "LoraModule", "Skipped", "load_adapter", "match_modules", "lora_factors", "base_matrix", "orient",
@@ -77,6 +69,8 @@ class LoraModule:
     alpha_key: str | None = None
     singular_key: str | None = None  # AdaLoRA's lora_E, folded into down
     bias_key: str | None = None  # PEFT's lora_B.bias (lora_bias=True)
+    transpose_factors: bool = False  # MLX-LM: the file holds upᵀ and downᵀ
+    vera: bool = False  # VeRA: up_key is lambda_b, down_key lambda_d (ddiscan.vera)
 
     @property
     def kind(self) -> str:
@@ -221,12 +215,13 @@ def _match_pair(pair: Pair, file: SafetensorsFile, base: TensorIndex, lookup: Ba
         return None
     d, k, r, layout = nonempty(shapes, f"{file.path}: {pair.down}")
     check_singular(pair, file, r)
-    check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style == "peft" else {d, k})
+    check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style in ("peft", "mlx") else {d, k})
     base_key = _base_key(pair, base, lookup, d, k, findings)
     if base_key is None:
         findings.unmatched.append(pair.down)
         return None
     check_not_quantized(base, lookup.keys, base_key)
+    k = vera_width(base.info(base_key).shape, d, k) if pair.style == "vera" else k
     as_is, transposed = base_fit(base.info(base_key).shape, d, k)
     if not (as_is or transposed):
         raise ShapeMismatch(
@@ -262,6 +257,7 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
             name=pair.name, base_key=m.base_key, up_key=pair.up, down_key=pair.down, layout=m.layout,
             d=m.d, k=m.k, r=m.r, scale=scale, scale_source=source, transpose_base=transpose,
             dora_key=pair.dora, alpha_key=pair.alpha, singular_key=pair.singular, bias_key=pair.bias,
+            transpose_factors=mlx_transposed(pair), vera=pair.style == "vera",
         ))
     return modules
 
@@ -272,12 +268,16 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
 
 def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray, np.ndarray]:
     """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
+    if module.vera:
+        return vera_factors(module.up_key, module.down_key, module.k, file)
     up = np.asarray(file.array(module.up_key), dtype=np.float64)
     down = np.asarray(file.array(module.down_key), dtype=np.float64)
     if module.singular_key is not None:  # AdaLoRA: B·diag(E)·A, zero rows of E included
         down = np.asarray(file.array(module.singular_key), dtype=np.float64).reshape(-1, 1) * down
     if module.layout == "embedding":
         return down.T, up.T
+    if module.transpose_factors:  # MLX-LM: lora_b is upᵀ (r × d), lora_a downᵀ (k × r)
+        return up.T, down.T
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
 
 

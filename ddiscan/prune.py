@@ -176,6 +176,8 @@ def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) ->
         projected = safelora.project_up(diff, up, diff_norm=frobenius(diff), xp=np)
         if m.layout == "embedding":  # up is lora_embedding_Aᵀ
             replaced[m.down_key] = np.asarray(projected).T
+        elif m.transpose_factors:  # MLX-LM: lora_b is upᵀ
+            replaced[m.up_key] = np.asarray(projected).T
         else:
             replaced[m.up_key] = np.asarray(projected).reshape(adapter.file.tensors[m.up_key].shape)
     return replaced

@@ -75,8 +75,10 @@ def _entries(file: SafetensorsFile, zeroed: set[str], dropped: set[str], replace
 
 
 def _exclude(config: dict | None, names: list[str]) -> dict | None:
-    """Add ``names`` (full module paths) to PEFT's ``exclude_modules`` (None: no config)."""
-    if config is None:
+    """Add ``names`` (full module paths) to PEFT's ``exclude_modules`` (None: no config, or
+    MLX-LM's, whose loader keeps a module with no tensors in the file at its initial, zero
+    update: lora_b starts at zeros and DoRA's m at W0's row norms)."""
+    if config is None or "lora_parameters" in config:
         return None
     config = dict(config)
     current = config.get("exclude_modules")  # a str or a list of str (lora.CONFIG_SCHEMA)
@@ -136,8 +138,8 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
     if unknown:
         raise InputError(f"{file.path}: has no LoRA module {unknown[0]!r} (named by the selection)")
     plan = _plan(file, keys, pruned, mode, replacements or {})
-    if mode == "drop" and len(pruned) == len(keys):
-        raise OptionError("{mode} drop would remove every LoRA module; use {mode} zero", "mode")
+    if mode == "drop":
+        _check_drop(file, len(pruned) == len(keys))
     factor_keys = {k for ks in keys.values() for k in ks["factors"]}
     total = sum(file.tensors[k].numel for k in factor_keys)
     removed = 0 if mode == "project" else sum(file.tensors[k].numel for n in pruned for k in keys[n]["factors"])
@@ -154,6 +156,15 @@ def rewrite_adapter(adapter: Adapter, pruned: list[str], output, *, mode: str = 
         "dropped": sorted(plan.dropped),
         "renamed": dict(sorted(plan.renamed.items())),
     }
+
+
+def _check_drop(file: SafetensorsFile, every_module: bool) -> None:
+    """Drop mode must leave a module, and cannot drop VeRA's (PEFT would not load the result)."""
+    if every_module:
+        raise OptionError("{mode} drop would remove every LoRA module; use {mode} zero", "mode")
+    if any(k.rsplit(".", 1)[-1].startswith("vera_lambda_") for k in file.keys()):
+        raise OptionError("{mode} drop cannot remove a VeRA module (VeraConfig has no exclude_modules, and PEFT sizes "
+                          "the shared vera_A/vera_B from the targeted modules); use {mode} zero", "mode")
 
 
 def _write(adapter: Adapter, output: Path, entries, meta: dict[str, str], config: dict | None, force: bool) -> list[str]:
@@ -199,7 +210,7 @@ def _magnitudes(extra: list[str], replacements: dict) -> dict[str, np.ndarray]:
     """Zero mode: a DoRA magnitude is reset to W0's norms, which the caller gives."""
     out = {}
     for key in extra:
-        if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale")):
+        if key.endswith(("lora_magnitude_vector", "lora_magnitude_vector.weight", "dora_scale", ".m")):  # .m: MLX-LM
             if key not in replacements:
                 raise UsageError(f"{key}: pruning a DoRA module in zero mode needs the base (to reset its magnitude)")
             out[key] = replacements[key]

@@ -103,6 +103,24 @@ def _adalora_scale(adapter: Adapter, pair: Pair, rank: int) -> tuple[float, str]
     return scaling / (init_r + 1e-5), f"{source} (AdaLoRA: lora_alpha={scaling:g}/(init_r={init_r}+1e-5))"
 
 
+def _mlx_scale(adapter: Adapter, rank: int) -> tuple[float, str] | None:
+    """mlx-lm's ``lora_parameters.scale``: ΔW = scale · (lora_a·lora_b)ᵀ, no division by the
+    rank (mlx_lm/tuner/lora.py, ``LoRALinear.fuse``); None without an adapter config."""
+    config = adapter.config
+    if config is None:
+        return None
+    source = adapter.config_source
+    parameters = config.get("lora_parameters")
+    if not isinstance(parameters, dict):  # its type is checked by ddiscan.adapter.CONFIG_SCHEMA
+        raise InputError(f"{literal(str(source))}: an MLX-LM adapter's config needs lora_parameters (rank, scale), "
+                         "or give {scaling}", "scaling")
+    if parameters["rank"] != rank:
+        raise ShapeMismatch(f"{source}: says lora_parameters.rank={parameters['rank']}, but its LoRA tensors have "
+                            f"rank {rank}")
+    scale = float(parameters["scale"])
+    return scale, f"{source} (MLX-LM lora_parameters.scale={scale:g})"
+
+
 def _scalar(file: SafetensorsFile, key: str) -> float:
     value = np.asarray(file.array(key), dtype=np.float64).ravel()
     if value.size != 1:
@@ -122,6 +140,10 @@ def module_scale(adapter: Adapter, pair: Pair, rank: int, alpha: float | None, s
             a = _scalar(adapter.file, pair.alpha)
             return a / rank, f"{pair.alpha} (alpha={a:g}/r={rank})"
         return 1.0, "default (no .alpha tensor: alpha = r)"
+    if pair.style == "vera":
+        return 1.0, "VeRA (no scaling: ΔW = diag(lambda_b)·vera_B·diag(lambda_d)·vera_A)"
+    if pair.style == "mlx":
+        return _mlx_scale(adapter, rank) or (1.0, "default (no adapter config)")
     if pair.singular is not None or (adapter.config or {}).get("peft_type") == "ADALORA":
         return _adalora_scale(adapter, pair, rank)
     scale = _peft_scale(adapter.config, adapter.config_source or "", pair.name, rank)

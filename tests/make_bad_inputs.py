@@ -148,6 +148,18 @@ def _adapter_tensors(tensors_fn, config=None, code=BAD_INPUT, warning=False, bas
     return case
 
 
+def _mlx_adapter(tensors_fn, code=BAD_INPUT):
+    """An MLX-LM adapter directory (adapters.safetensors + the adapter_config.json of
+    ``mlx_lm lora``) holding ``tensors_fn()``."""
+    def case(d: Path, name: str) -> Case:
+        adapter = d / "adapter"
+        save(adapter / "adapters.safetensors", tensors_fn())
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 20.0, "dropout": 0.0}}))
+        return Case(name, _good_base(d), adapter, code)
+    return case
+
+
 def _config(text: str | bytes, code=BAD_INPUT, warning=False):
     def case(d: Path, name: str) -> Case:
         adapter = _good_adapter(d)
@@ -472,6 +484,14 @@ CASES = {
     "ranks differ between A and B": _adapter_tensors(lambda: {
         f"{STEM}.q_proj.lora_A.weight": lora_pair(HIDDEN, HIDDEN, 4)[0],
         f"{STEM}.q_proj.lora_B.weight": lora_pair(HIDDEN, HIDDEN, 3)[1]}),
+    "MLX-LM lora_a and lora_b ranks differ": _mlx_adapter(lambda: {
+        "model.layers.0.self_attn.q_proj.lora_a": lora_pair(HIDDEN, HIDDEN, 4)[0].T.copy(),
+        "model.layers.0.self_attn.q_proj.lora_b": lora_pair(HIDDEN, HIDDEN, 3)[1].T.copy()}),
+    "VeRA adapter missing vera_A": _adapter_tensors(lambda: {
+        f"{STEM}.q_proj.vera_lambda_b": np.ones(HIDDEN, np.float32),
+        f"{STEM}.q_proj.vera_lambda_d": np.ones(4, np.float32),
+        "base_model.vera_B": lora_pair(HIDDEN, HIDDEN, 4)[1]},
+        config={"peft_type": "VERA", "r": 4, "save_projection": True, "target_modules": ["q_proj"]}),
     "no LoRA pairs": _adapter_tensors(lambda: {"base_model.model.lm_head.weight": np.ones((4, 4), np.float32)}),
     "unmatched module": _adapter_tensors(lambda: {
         **llama_peft_tensors(1, 4, projs=("q_proj",)),

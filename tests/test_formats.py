@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from peft import (  # noqa: E402
-    AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel, VeraConfig,
+    AdaLoraConfig, BOFTConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, PeftModel,
     get_peft_model,
 )
 from safetensors import safe_open  # noqa: E402
@@ -290,7 +290,6 @@ NON_LORA = {
     "LOHA": (LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoHa"),
     "LOKR": (LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoKr"),
     "IA3": (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), "IA3"),
-    "VERA": (VeraConfig(r=4, target_modules=["q_proj", "o_proj"]), "VeRA"),
     "OFT": (OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]), "OFT"),
     "BOFT": (BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]), "BOFT"),
 }

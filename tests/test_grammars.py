@@ -43,18 +43,25 @@ def test_each_layout_by_its_key_names_alone():
         "lora_unet_down_blocks_0_proj_in.alpha",
         "mid_block.attentions.0.processor.to_out_lora.down.weight",  # diffusers before PEFT
         "mid_block.attentions.0.processor.to_out_lora.up.weight",
-        "model.layers.0.mlp.up_proj.lora_a",  # MLX-LM: recognised, not read
+        "model.layers.0.mlp.up_proj.lora_a",  # MLX-LM: lora_a is downᵀ, lora_b upᵀ
         "model.layers.0.mlp.down_proj.hada_w1_a",  # LoHa
         "base_model.model.model.norm.weight",  # a full weight PEFT saved
+        "model.layers.0.mlp.up_proj.lora_b",
+        "model.layers.0.mlp.up_proj.m",  # MLX-LM DoRA's magnitude
+        "model.embed_tokens.lora_a",  # an MLX-LM embedding: lora_a is up, lora_b down, as stored
+        "model.embed_tokens.lora_b",
+        "model.norm.m",  # no lora_a beside it: not a magnitude
     ]
     pairs, skipped, unread = classify(keys)
     assert {name: (p.style, p.down is not None, p.up is not None, p.dora or p.alpha) for name, p in pairs.items()} == {
         "model.layers.0.self_attn.q_proj": ("peft", True, True, keys[2]),
         "lora_unet_down_blocks_0_proj_in": ("kohya", True, True, keys[5]),
         "mid_block.attentions.0.to_out.0": ("diffusers", True, True, None),
+        "model.layers.0.mlp.up_proj": ("mlx", True, True, keys[12]),
+        "model.embed_tokens": ("mlx", True, True, None),
     }
-    assert [(s.key, s.reason) for s in skipped] == [(keys[10], "full weight (modules_to_save)")]
-    assert [(s.key, s.reason) for s in unread] == [
-        (keys[8], "MLX-LM LoRA tensor (not supported yet)"),
-        (keys[9], "LoHa tensor (not LoRA; not supported yet)"),
-    ]
+    assert (pairs["model.layers.0.mlp.up_proj"].down, pairs["model.layers.0.mlp.up_proj"].up) == (keys[8], keys[11])
+    assert (pairs["model.embed_tokens"].up, pairs["model.embed_tokens"].down) == (keys[13], keys[14])
+    assert [(s.key, s.reason) for s in skipped] == [(keys[10], "full weight (modules_to_save)"),
+                                                   (keys[15], "not a LoRA tensor")]
+    assert [(s.key, s.reason) for s in unread] == [(keys[9], "LoHa tensor (not LoRA; not supported yet)")]

@@ -120,7 +120,7 @@ def test_high_ddi_adapter_is_blocked_and_clean_one_passes(repo):
     assert "ddiscan check" in output and "Passed" in output
 
 
-def test_files_that_are_not_adapters_pass_with_a_note(repo):
+def test_files_that_are_not_adapters_pass_with_a_note_and_an_mlx_adapter_is_checked(repo):
     repo, env = repo
     shutil.copytree(BASE, repo / "base")  # a sharded base: two .safetensors files
     mlx_adapter(repo / "mlx")
@@ -131,9 +131,8 @@ def test_files_that_are_not_adapters_pass_with_a_note(repo):
     for name in ("base/model-00001-of-00002.safetensors", "base/model-00002-of-00002.safetensors"):
         assert f"note: {name}: not a LoRA adapter (no LoRA key in its header, not in a PEFT directory); passed over" \
             in output
-    assert ("note: mlx/adapters.safetensors: an MLX-LM adapter (lora_a/lora_b keys), which ddiscan does not "
-            "read yet; passed over") in output
-    assert "note: mlx/adapter_config.json: no adapter_model.safetensors beside it" in output
+    assert "note: mlx/" not in output  # the MLX adapter (ΔW = 0: lora_b is zeros) is checked, and passes
+    assert "ddiscan check: 1 adapter(s), 1 modules: all pass" in output
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +151,7 @@ def test_check_passes_over_non_adapters_and_gates_the_adapters_beside_them(tmp_p
                     ADAPTER / "adapter_config.json", ADAPTER / "adapter_model.safetensors")
     assert result.exit_code == 0, result.output
     assert f"note: {shard}: not a LoRA adapter" in result.stderr
-    assert "ddiscan check: 1 adapter(s), 8 modules: all pass" in result.stderr
+    assert "ddiscan check: 2 adapter(s), 9 modules: all pass" in result.stderr  # the PEFT and the MLX adapter
     only = _check(shard)
     assert only.exit_code == 0 and "0 adapter(s)" in only.stderr and "passed over" in only.stderr
     assert _check(shard, quiet=True).stderr == ""
@@ -183,9 +182,9 @@ def test_broken_adapters_are_still_blocked(tmp_path):
         assert line.startswith("Error: ") and "passed over" not in result.stderr
 
 
-def test_an_mlx_adapter_is_named_when_scored(tmp_path):
+def test_an_mlx_adapter_is_scored(tmp_path):
     mlx = mlx_adapter(tmp_path / "mlx")
-    result = CliRunner().invoke(cli, ["report", str(BASE), str(mlx / "adapters.safetensors")])
-    assert result.exit_code == 3
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and "MLX-LM LoRA tensor (not supported yet)" in lines[0], lines
+    result = CliRunner().invoke(cli, ["report", str(BASE), str(mlx / "adapters.safetensors"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (module,) = json.loads(result.stdout)["modules"]
+    assert module["name"] == "model.layers.0.self_attn.q_proj" and module["scale"] == 20.0 and module["ddi"] == 0.0

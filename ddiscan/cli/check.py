@@ -38,10 +38,10 @@ def check(adapters, base, profiles, max_ddi, max_ddi_norm, min_cosine, max_ediem
     Exit 0 when every module passes, 1 when any exceeds --max-ddi or --max-ddi-norm (with
     --method safelora: falls below --min-cosine; with splora: exceeds --max-ediem), one line
     each: FILE:1: MODULE: DDI VALUE > LIMIT; 2 on usage errors, 3 on bad input.
-    ADAPTER may be a PEFT directory, a .safetensors file, or an adapter_config.json (its
-    directory is checked), as pre-commit passes them. A .safetensors file with no LoRA key
-    in its header outside a PEFT directory (a base, an embedding), an MLX-LM adapter (not read
-    yet), or an adapter_config.json without adapter weights beside it, is passed over with a note.
+    ADAPTER may be a PEFT or MLX-LM directory, a .safetensors file, or an adapter_config.json
+    (its directory is checked), as pre-commit passes them. A .safetensors file with no LoRA
+    key in its header outside an adapter directory (a base, an embedding), or an
+    adapter_config.json without adapter weights beside it, is passed over with a note.
     """
     result = run_check(adapters, base=base, max_ddi=max_ddi, max_ddi_norm=max_ddi_norm, min_cosine=min_cosine,
                        max_ediem=max_ediem, profiles=profiles, profile_sha256=profile_sha256,
