@@ -254,3 +254,47 @@ def test_missing_gguf_package(monkeypatch, tmp_path):
     from ddiscan.sketch import Sketch
     with pytest.raises(InputError, match=r"needs the optional gguf package: pip install 'ddiscan\[gguf\]'"):
         GGUFSource.accept(str(tmp_path / "m.gguf"), Sketch())
+
+
+def _reference_pair(tmp, model, type_name):
+    path = tmp / f"pair-{type_name}.gguf"
+    write_gguf(path, model, gguf.GGMLQuantizationType[type_name])
+    reference = tmp / f"pair-{type_name}.safetensors"
+    reference_checkpoint(path, reference, model)
+    return path, reference
+
+
+def test_prune_dora_reset_on_gguf(adapter_and_model, tmp_path):
+    """prune's DoRA reset needs W0's row norms: from a Q8_0 GGUF (q/k rows un-permuted) they
+    equal those of gguf's own dequantization."""
+    from safetensors.numpy import load_file
+
+    _, _, model = adapter_and_model
+    path, reference = _reference_pair(tmp_path, model, "Q8_0")
+    dora = tiny_llama()
+    dora.load_state_dict(model.state_dict())
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"], use_dora=True,
+                             init_lora_weights=False)
+    peft.get_peft_model(dora, config).save_pretrained(tmp_path / "dora")
+    got = ddiscan.prune(str(path), tmp_path / "dora", tmp_path / "pruned-gguf", top=4, exact=True)
+    expected = ddiscan.prune(reference, tmp_path / "dora", tmp_path / "pruned-ref", top=4, exact=True)
+    assert got.selection.names == expected.selection.names and len(got.selection.names) == 4
+    a = load_file(str(tmp_path / "pruned-gguf" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "pruned-ref" / "adapter_model.safetensors"))
+    magnitudes = [k for k in b if "lora_magnitude_vector" in k]
+    assert len(magnitudes) == 4
+    for key in magnitudes:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+
+
+def test_profile_of_a_gguf_base(adapter_and_model, tmp_path):
+    """A profile built from a Q4_0 GGUF scores as the exact scan of its dequantized reference."""
+    _, adapter, model = adapter_and_model
+    path, reference = _reference_pair(tmp_path, model, "Q4_0")
+    summary = ddiscan.build_profile(str(path), tmp_path / "base.ddiprofile", max_t=8, exact=True)
+    assert summary["weights"] == 14  # 7 projections in each of 2 blocks (no embeddings, no head)
+    got = _ddi(ddiscan.scan(tmp_path / "base.ddiprofile", adapter))
+    expected = _ddi(ddiscan.scan(reference, adapter, exact=True))
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, rel=1e-4), name

@@ -3,7 +3,9 @@ Python reader, memory-mapped, and its NumPy dequantizers), one weight at a time,
 Hugging Face names of :mod:`ddiscan.io.ggufnames`.
 
 GGUF lists a tensor's dimensions innermost first (``ne[0]`` = in_features); the reader's
-array is in row-major order, so its shape reversed is the Hugging Face (out, in).
+array is in row-major order, so its shape reversed is the Hugging Face (out, in). Every
+tensor is offered as float32 (``info``'s dtype), which is what gguf dequantizes to; the
+stored type is in :meth:`GGUFSource.quantization`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import numpy as np
 from ..errors import InputError, QuantizedBase, printable
 from ..io import ggufnames
 from ..io.convert import widen
+from ..io.index import TensorIndex
 from ..io.reader import TensorInfo, note_input, open_regular
 from ..sketch import Sketch
 from .checkpoint import CheckpointSource
 
-_FLOAT_NAMES = {"F16": "F16", "BF16": "BF16"}  # any other type is dequantized to float32
 
 
 def _gguf():
@@ -82,9 +84,7 @@ class GGUFSource(CheckpointSource):
     @classmethod
     def accept(cls, base, sketch: Sketch):
         """A path ending in ``.gguf``; None for any other base."""
-        if isinstance(base, (str, Path)) and str(base).endswith(".gguf"):
-            return cls(base, sketch)
-        return None
+        return cls(base, sketch) if is_gguf(base) else None
 
     def keys(self):
         return self.tensors.keys()
@@ -96,8 +96,7 @@ class GGUFSource(CheckpointSource):
         tensor = self.tensors[key]
         self._check_type(key, tensor)
         start = int(tensor.data_offset)
-        dtype = _FLOAT_NAMES.get(tensor.tensor_type.name, "F32")
-        return TensorInfo(key, dtype, tuple(int(d) for d in reversed(tensor.shape.tolist())),
+        return TensorInfo(key, "F32", tuple(int(d) for d in reversed(tensor.shape.tolist())),
                           start, start + int(tensor.n_bytes))
 
     def _check_type(self, key: str, tensor) -> None:
@@ -122,16 +121,30 @@ class GGUFSource(CheckpointSource):
         return data
 
     def load(self, key: str, fetched):
-        """W0 dequantized by gguf, in the Hugging Face row order (float64 with ``exact``), and ‖W0‖_F."""
+        """W0 (float64 with ``exact``) and ‖W0‖_F."""
+        return widen(self._dequantized(key, fetched), np.float64 if self.sketch.exact else np.float32)
+
+    def array(self, key: str) -> np.ndarray:
+        """W0 as float32, as :meth:`TensorIndex.array` offers a checkpoint's tensor (prune, profile)."""
+        return self._dequantized(key, self.tensors[key].data)
+
+    mapped = array
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path]
+
+    def _dequantized(self, key: str, data) -> np.ndarray:
+        """W0 dequantized by gguf (float32), in the Hugging Face row order."""
         tensor, shape = self.tensors[key], self.info(key).shape
-        w = _gguf().quants.dequantize(np.asarray(fetched), tensor.tensor_type)
+        w = _gguf().quants.dequantize(np.asarray(data), tensor.tensor_type)
         if w.size != math.prod(shape):
             raise InputError(f"{printable(tensor.name)} ({key}): {w.size} values; its dims say {list(shape)}")
         w = w.reshape(shape)
         heads = ggufnames.permuted_heads(tensor.name, self.arch, self.n_head, self.n_head_kv)
         if heads is not None:
             w = ggufnames.unpermute(w, heads, f"{tensor.name} ({key})")
-        return widen(w, np.float64 if self.sketch.exact else np.float32)
+        return w
 
     def quantization(self, key: str) -> dict:
         """The report's entry for how W0 was obtained."""
@@ -139,3 +152,15 @@ class GGUFSource(CheckpointSource):
 
     def describe(self) -> dict:
         return {"path": str(self.path), "files": [{"path": str(self.path), "size": self.path.stat().st_size}]}
+
+
+def is_gguf(base) -> bool:
+    return isinstance(base, (str, Path)) and str(base).endswith(".gguf")
+
+
+def open_weights(base, sketch: Sketch | None = None):
+    """What prune and profile read a base's weights through: a GGUF base's source, else a
+    :class:`TensorIndex` (``base`` itself if it is one)."""
+    if is_gguf(base):
+        return GGUFSource(base, sketch or Sketch())
+    return base if isinstance(base, TensorIndex) else TensorIndex(base)
