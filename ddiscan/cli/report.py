@@ -36,8 +36,8 @@ def report(paths, profiles, fmt, output, heatmap_, plot, profile_sha256, quiet, 
     """Rank every LoRA-updated module of each ADAPTER by DDI against BASE.
 
     BASE is a .safetensors file, a sharded checkpoint (its directory or its
-    model.safetensors.index.json), a directory holding one, or a base profile
-    (.ddiprofile). ADAPTER is a .safetensors file or a PEFT adapter directory
+    model.safetensors.index.json), a directory holding one, a llama.cpp .gguf file
+    (pip install 'ddiscan[gguf]'), or a base profile (.ddiprofile). ADAPTER is a .safetensors file or a PEFT adapter directory
     (adapter_config.json + adapter_model.safetensors). With several adapters each base
     tensor is read once for all of them. With a single ADAPTER and no BASE, the base
     named by its adapter_config.json is looked up offline (local path, Hugging Face
