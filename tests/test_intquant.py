@@ -215,6 +215,8 @@ def test_ct_bad_companions():
             {**arrays, "weight_scale": arrays["weight_scale"][:18]}, meta)
     _raises(r"weight_zero_point: has shape", intquant.ct_dequantize,
             {**arrays, "weight_zero_point": arrays["weight_zero_point"][:1]}, meta)
+    _raises(r"weight_scale: missing \(expected 24 × 4 scales", intquant.ct_dequantize,
+            {k: v for k, v in arrays.items() if k != "weight_scale"}, meta)
     _raises(r"weight_shape: missing", intquant.ct_dequantize,
             {k: v for k, v in arrays.items() if k != "weight_shape"}, meta)
 

@@ -235,7 +235,9 @@ def ct_dequantize(arrays: dict, *, meta: dict, dtype=np.float32) -> np.ndarray:
     groups = -(-in_features // size)
     rows = 1 if meta.get("strategy") == "tensor" else out
     why = f"{groups} groups of {size} input columns, strategy {meta.get('strategy', 'group')}"
-    scale = np.asarray(arrays.get("weight_scale", np.empty((0,)))).reshape(-1)
+    if "weight_scale" not in arrays:
+        _fail("weight_scale", f"missing (expected {rows} × {groups} scales, {why})")
+    scale = np.asarray(arrays["weight_scale"]).reshape(-1)
     if scale.size != rows * groups:
         _fail("weight_scale", f"has {scale.size} values; expected {rows} × {groups} ({why})")
     offset = 1 << (bits - 1)
