@@ -153,11 +153,13 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
         raise OptionError("{max_t} must be at least 1", "max_t")
     if Path(output).suffix != SUFFIX:
         raise UsageError(f"{output}: a profile's name must end in {SUFFIX}")
-    index = TensorIndex(base)
+    from .sources.gguf import open_weights  # (ddiscan.sources imports this module)
+
+    sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
+    index = open_weights(base, sketch)
     keys = _selected(index, tuple(include), tuple(exclude))
     if not keys:
         raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")
-    sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
     bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
     sketched = _Sketched(index, max_t, sketch, np.float64 if exact else np.float32, bar)
     weights, entries = _layout(index, keys, max_t, sketched)

@@ -394,6 +394,72 @@ def _edit_index(fn):
     return mutate
 
 
+# quantized bases (issue 17): GGUF files written by the gguf package's own writer; GPTQ and
+# MLX checkpoints whose companions do not fit (refused whole before the quantized-base
+# framework, by the dequantizer after it: exit 3 either way)
+_GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
+
+
+def _gguf_base(arch="llama", head_count=2, q_shape=None, cut=None):
+    def build(d: Path, name: str) -> Case:
+        import gguf
+
+        path = d / "base.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = gguf.GGUFWriter(str(path), arch)
+        writer.add_head_count(head_count)
+        writer.add_head_count_kv(1)
+        for key, value in llama_base_tensors(1).items():
+            parts = key.split(".")
+            if len(parts) == 6 and parts[4] in _GGUF_NAMES:
+                if parts[4] == "q_proj" and q_shape is not None:
+                    value = np.ones(q_shape, np.float32)
+                writer.add_tensor(f"blk.0.{_GGUF_NAMES[parts[4]]}.weight", value)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        if cut is not None:
+            _cut(path, cut)
+        return Case(name, path, _good_adapter(d), BAD_INPUT)
+    return build
+
+
+def _not_gguf(d: Path, name: str) -> Case:
+    path = d / "base.gguf"
+    path.write_bytes(b"not a GGUF file " * 8)
+    return Case(name, path, _good_adapter(d), BAD_INPUT)
+
+
+def _quantized_checkpoint(tensors_fn, config: dict):
+    """A base directory: ``tensors_fn(base_tensors)`` as its weights, ``config`` its config.json."""
+    def build(d: Path, name: str) -> Case:
+        base = d / "base"
+        save(base / "model.safetensors", tensors_fn(llama_base_tensors(1)))
+        (base / "config.json").write_text(json.dumps(config))
+        return Case(name, base, _good_adapter(d), BAD_INPUT)
+    return build
+
+
+def _gptq_bad_qzeros(tensors):
+    """q_proj as GPTQ 4-bit, groups of 8 input columns, qzeros one group short."""
+    stem = "model.layers.0.self_attn.q_proj"
+    del tensors[stem + ".weight"]
+    tensors[stem + ".qweight"] = np.zeros((HIDDEN // 8, HIDDEN), np.int32)
+    tensors[stem + ".qzeros"] = np.zeros((1, HIDDEN // 8), np.int32)
+    tensors[stem + ".scales"] = np.ones((2, HIDDEN), np.float16)
+    return tensors
+
+
+def _mlx_bad_scales(tensors):
+    """q_proj as MLX 4-bit in groups of 32 input columns... of which it has only 16."""
+    stem = "model.layers.0.self_attn.q_proj"
+    tensors[stem + ".weight"] = np.zeros((HIDDEN, HIDDEN * 4 // 32), np.uint32)
+    tensors[stem + ".scales"] = np.ones((HIDDEN, 3), np.float32)
+    tensors[stem + ".biases"] = np.zeros((HIDDEN, 3), np.float32)
+    return tensors
+
+
 CASES = {
     # paths
     "missing base": _missing_base,
@@ -517,6 +583,16 @@ CASES = {
         lambda data: data["weight_map"].__setitem__("model.layers.0.self_attn.v_proj.weight",
                                                     "model-00001-of-00002.safetensors"))),
     "index weight_map not a dict": _index(_edit_index(lambda data: data.__setitem__("weight_map", [1]))),
+    # quantized bases
+    "GGUF base of an unknown architecture": _gguf_base(arch="mamba"),
+    "GGUF base that is not GGUF": _not_gguf,
+    "GGUF base truncated": _gguf_base(cut=200),
+    "GGUF head count that does not fit attn_q": _gguf_base(head_count=3),
+    "GGUF dims not matching the adapter": _gguf_base(q_shape=(HIDDEN // 2, HIDDEN)),
+    "GPTQ base with qzeros of the wrong shape": _quantized_checkpoint(_gptq_bad_qzeros, {"quantization_config": {
+        "quant_method": "gptq", "bits": 4, "group_size": 8, "desc_act": False}}),
+    "MLX base with scales not matching groups": _quantized_checkpoint(_mlx_bad_scales, {
+        "quantization": {"group_size": 32, "bits": 4}, "quantization_config": {"group_size": 32, "bits": 4}}),
 }
 
 

@@ -324,3 +324,142 @@ def test_fuzz_json_inputs(tmp_path, record_property, monkeypatch):
     print(f"\nfuzz: {total} JSON inputs through the CLI: exit codes {dict(counts)}")
     record_property("fuzz_json_examples", total)
     assert total >= JSON_EXAMPLES and counts[3] > 0
+
+
+# --- quantized bases (issue 17) ------------------------------------------------------------
+
+def _gguf_original(qtype_name: str) -> bytes:
+    """The fuzz base's q_proj (8 × 32, so Q8_0's 32-value blocks fit) as a GGUF file."""
+    gguf = pytest.importorskip("gguf")
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "base.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_head_count(2)
+        writer.add_head_count_kv(2)
+        weight = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
+        writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
+
+
+@st.composite
+def mutated_gguf(draw) -> bytes:
+    data = _gguf_original(draw(st.sampled_from(["F32", "Q8_0"])))
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["flip", "truncate", "extend", "word"]))
+        pos = draw(st.integers(0, len(data) - 1))
+        if kind == "flip":
+            data = data[:pos] + bytes([data[pos] ^ draw(st.integers(1, 255))]) + data[pos + 1:]
+        elif kind == "truncate":
+            data = data[:pos]
+        elif kind == "extend":
+            data = data + draw(st.binary(min_size=1, max_size=16))
+        else:  # a length, count, type or offset field replaced by an extreme value
+            data = data[:pos] + struct.pack("<Q", draw(NUMBERS) % 2**64) + data[pos + 8:]
+        if not data:
+            break
+    return data
+
+
+def test_fuzz_gguf_base(workdir, record_property):
+    """Mutated GGUF bases: a report, or a one-line ddiscan error with exit code 3."""
+    pytest.importorskip("gguf")
+    outcomes: Counter = Counter()
+    base, adapter = workdir / "fuzz.gguf", workdir / "gguf-adapter.safetensors"
+    g = np.random.default_rng(1)
+    save(adapter, {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": g.standard_normal((2, 32)).astype(np.float32),
+                   "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": g.standard_normal((8, 2)).astype(np.float32)},
+         metadata={"format": "pt"})
+
+    @settings(max_examples=max(50, EXAMPLES // 5), **SETTINGS)
+    @given(mutated_gguf())
+    def run(data):
+        base.write_bytes(data)
+        _check_scan_only(base, adapter, outcomes)
+        outcomes["examples"] += 1
+
+    run()
+    print(f"\nfuzz: {outcomes['examples']} GGUF bases through ddiscan.scan: {dict(outcomes)}")
+    record_property("fuzz_gguf_examples", outcomes["examples"])
+    assert outcomes["report"] > 0 and len(outcomes) >= 3
+
+
+def _check_scan_only(base: Path, adapter: Path, outcomes: Counter) -> None:
+    try:
+        report = ddiscan.scan(base, adapter)
+    except ddiscan.DdiscanError as exc:
+        assert exc.exit_code == 3, (type(exc).__name__, str(exc))
+        assert str(exc) and "\n" not in str(exc), str(exc)
+        outcomes[type(exc).__name__] += 1
+    else:
+        jsonschema.validate(report.to_dict(), SCHEMA)
+        outcomes["report"] += 1
+
+
+def _scheme_cases() -> dict:
+    """Valid companions of each integer scheme, from the independent packers of test_intquant."""
+    from test_intquant import awq_case, gptq_case
+    from ddiscan.io import intquant, mlxquant
+
+    gptq, gptq_meta, _ = gptq_case(np.random.default_rng(0), n_in=32, n_out=16, group=8)
+    awq, awq_meta, _ = awq_case(np.random.default_rng(0), n_in=32, n_out=16, group=8)
+    words = np.random.default_rng(0).integers(0, 2**32, (16, 4), dtype=np.uint32)
+    mlx = {"weight": words, "scales": np.ones((16, 1), np.float32), "biases": np.zeros((16, 1), np.float32)}
+    return {"gptq": (intquant.gptq_dequantize, gptq, gptq_meta, (16, 32)),
+            "awq": (intquant.awq_dequantize, awq, awq_meta, (16, 32)),
+            "mlx": (mlxquant.mlx_dequantize, mlx, {"bits": 4, "group_size": 32}, (16, 32))}
+
+
+META_VALUES = st.sampled_from([None, -1, 0, 1, 3, 4, 7, 8, 16, 33, 2**40, "4", 4.0, True, "gptq_v2", "gemv"])
+
+
+@st.composite
+def mutated_companions(draw, cases):
+    name = draw(st.sampled_from(sorted(cases)))
+    fn, arrays, meta, shape = cases[name]
+    arrays, meta = dict(arrays), dict(meta)
+    role = draw(st.sampled_from(sorted(arrays)))
+    kind = draw(st.sampled_from(["drop", "rows", "cols", "dtype", "meta", "values"]))
+    a = arrays[role]
+    if kind == "drop":
+        del arrays[role]
+    elif kind == "rows":
+        arrays[role] = a[:draw(st.integers(0, max(0, a.shape[0] - 1)))] if draw(st.booleans()) else np.concatenate([a, a[:1]])
+    elif kind == "cols" and a.ndim == 2:
+        arrays[role] = a[:, :draw(st.integers(0, max(0, a.shape[1] - 1)))]
+    elif kind == "dtype":
+        with np.errstate(over="ignore"):
+            arrays[role] = a.astype(draw(st.sampled_from([np.float32, np.int64, np.uint8, np.float16])))
+    elif kind == "meta":
+        meta[draw(st.sampled_from(["bits", "group_size", "checkpoint_format", "version", "mode"]))] = draw(META_VALUES)
+    elif kind == "values" and a.dtype.kind in "iu":
+        arrays[role] = np.full(a.shape, draw(st.sampled_from([-1, 2**31 - 1, 99, 0]))).astype(a.dtype)
+    return fn, arrays, meta, shape
+
+
+def test_fuzz_dequantizer_companions(record_property):
+    """Missing, mis-shaped, mistyped companions and odd meta: a one-line QuantizedBase, or a
+    W of the weight's shape; never another exception."""
+    cases = _scheme_cases()
+    outcomes: Counter = Counter()
+
+    @settings(max_examples=max(100, EXAMPLES // 3), **SETTINGS)
+    @given(mutated_companions(cases))
+    def run(drawn):
+        fn, arrays, meta, shape = drawn
+        try:
+            w = fn(arrays, meta=meta, dtype=np.float32)
+        except ddiscan.QuantizedBase as exc:
+            assert str(exc) and "\n" not in str(exc)
+            outcomes["refused"] += 1
+        else:
+            assert w.ndim == 2 and w.dtype == np.float32
+            outcomes["dequantized"] += 1
+
+    run()
+    record_property("fuzz_dequantizer_examples", sum(outcomes.values()))
+    assert outcomes["refused"] > 0 and outcomes["dequantized"] > 0

@@ -36,13 +36,13 @@ def report(paths, profiles, fmt, output, heatmap_, plot, profile_sha256, quiet, 
     """Rank every LoRA-updated module of each ADAPTER by DDI against BASE.
 
     BASE is a .safetensors file, a sharded checkpoint (its directory or its
-    model.safetensors.index.json), a directory holding one, or a base profile
-    (.ddiprofile). ADAPTER is a .safetensors file, a PEFT adapter directory
-    (adapter_config.json + adapter_model.safetensors) or an MLX-LM one
-    (adapter_config.json + adapters.safetensors). With several adapters each base tensor
-    is read once for all of them. With a single ADAPTER and no BASE, the base named by
-    its adapter_config.json is looked up offline (local path, Hugging Face cache,
-    --profiles).
+    model.safetensors.index.json), a directory holding one, a llama.cpp .gguf file
+    (pip install 'ddiscan[gguf]'), or a base profile (.ddiprofile). ADAPTER is a
+    .safetensors file, a PEFT adapter directory (adapter_config.json +
+    adapter_model.safetensors) or an MLX-LM one (adapter_config.json +
+    adapters.safetensors). With several adapters each base tensor is read once for all of
+    them. With a single ADAPTER and no BASE, the base named by its adapter_config.json is
+    looked up offline (local path, Hugging Face cache, --profiles).
     """
     base, adapters = (None, list(paths)) if len(paths) == 1 else (paths[0], list(paths[1:]))
     options = scan_kwargs(kwargs)

@@ -8,14 +8,16 @@ from ..sketch import Sketch
 from .alignment import AlignmentDifference, alignment_update
 from .base import WeightSource
 from .checkpoint import CheckpointSource
+from .gguf import GGUFSource
 from .profile import ProfileSource
 
 __all__ = ["WeightSource", "KINDS", "open_source", "AlignmentDifference", "alignment_update",
-           "CheckpointSource", "ProfileSource"]
+           "CheckpointSource", "ProfileSource", "GGUFSource"]
 
 # tried in order: the first whose accept() returns a source opens the base
 KINDS = (
     ProfileSource,
+    GGUFSource,
     CheckpointSource,  # accepts any base: keep it last
 )
 
