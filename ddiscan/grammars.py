@@ -11,7 +11,7 @@ every other tensor as skipped (no update) or unread (an update ddiscan cannot re
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import MatchError
 from .io.reader import SafetensorsFile
@@ -20,7 +20,8 @@ __all__ = ["PEFT_PREFIX", "KOHYA_PREFIXES", "Skipped", "Pair", "classify", "unre
            "module_keys"]
 
 PEFT_PREFIX = "base_model.model."
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_",
+                  "lycoris_")
 _PEFT_PARTS = {"lora_A": "down", "lora_B": "up", "lora_embedding_A": "down", "lora_embedding_B": "up"}
 # PEFT tensors beside the factors: DoRA's magnitude and AdaLoRA's singular values
 _PEFT_EXTRAS = {"lora_magnitude_vector": "dora", "lora_E": "singular"}
@@ -48,6 +49,20 @@ class Pair:
     singular: str | None = None  # AdaLoRA's lora_E
     bias: str | None = None  # lora_B.bias
     adapter_name: str | None = None
+    family: str | None = None  # "loha" or "lokr": the update is in ``parts``, not up/down
+    parts: dict[str, str] = field(default_factory=dict)  # LoHa/LoKr part (hada_w1_a …) → key
+
+    @property
+    def complete(self) -> bool:
+        """Whether every factor of the update is here (LoRA: up and down; LoHa/LoKr: ``_STRUCTURED_NEEDS``)."""
+        if self.family is None:
+            return bool(self.up and self.down)
+        return all(any(part in self.parts for part in choice) for choice in _STRUCTURED_NEEDS[self.family])
+
+    @property
+    def factor_keys(self) -> list[str]:
+        """The tensors that carry the update: zeroing them all makes ΔW = 0."""
+        return [k for k in (self.down, self.up, self.singular, self.bias, *self.parts.values()) if k]
 
     def assign(self, slot: str, key: str, style: str | None = None) -> None:
         if getattr(self, slot) is not None:
@@ -60,8 +75,28 @@ class Pair:
 
     def add(self, slot: _Slot, key: str) -> None:
         self.adapter_name = self.adapter_name or slot.adapter_name
+        if slot.slot in _STRUCTURED:
+            self.add_part(slot, key)
+            return
+        if self.family is not None and slot.slot in ("up", "down"):
+            raise MatchError(f"{key}: module {self.name} mixes LoRA and {self.family} tensors")
         self.assign(slot.slot, key, slot.style)
         self.embedding = self.embedding or slot.embedding
+
+
+    def add_part(self, slot: _Slot, key: str) -> None:
+        """A LoHa/LoKr tensor: one per part, one family and one key layout per module."""
+        family = _STRUCTURED[slot.slot]
+        if self.up or self.down:
+            raise MatchError(f"{key}: module {self.name} mixes LoRA and {family} tensors")
+        if slot.slot in self.parts:
+            raise MatchError(f"{key} and {self.parts[slot.slot]}: two {slot.slot} tensors for module {self.name}")
+        if self.family not in (None, family):
+            raise MatchError(f"{key}: module {self.name} mixes {self.family} and {family} tensors")
+        if self.style not in (None, slot.style):
+            raise MatchError(f"{key}: module {self.name} mixes {self.style} and {slot.style} keys")
+        self.family, self.style = family, slot.style
+        self.parts[slot.slot] = key
 
 
 @dataclass(frozen=True)
@@ -75,7 +110,15 @@ class _Slot:
     embedding: bool = False
 
 
-# Key components that name a non-LoRA PEFT/LyCORIS method, by prefix.
+# LoHa's and LoKr's tensors (PEFT's LoHaConfig/LoKrConfig and LyCORIS): <module>.<part>[.<adapter>]
+_STRUCTURED = {**{f"hada_{p}": "loha" for p in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")},
+               **{f"lokr_{p}": "lokr" for p in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}}
+# what a complete module holds: one of each tuple (the Tucker cores are checked with the shapes)
+_STRUCTURED_NEEDS = {"loha": (("hada_w1_a",), ("hada_w1_b",), ("hada_w2_a",), ("hada_w2_b",)),
+                     "lokr": (("lokr_w1", "lokr_w1_a"), ("lokr_w1", "lokr_w1_b"), ("lokr_w2", "lokr_w2_a"),
+                              ("lokr_w2", "lokr_w2_b"))}
+# Key components that name a non-LoRA PEFT/LyCORIS method, by prefix (LoHa/LoKr: the parts
+# not in _STRUCTURED, such as LyCORIS's unused lokr_t1).
 _ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"),
                ("vera_", "VeRA"))
 # "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
@@ -138,6 +181,18 @@ def _other_method(key: str, parts: list[str]) -> Skipped | None:
     return None
 
 
+def _structured_slot(key: str, parts: list[str]) -> _Slot | None:
+    """``[base_model.model.]<path>.hada_w1_a[.<adapter>]`` (PEFT) or ``lycoris_<path>.lokr_w1`` /
+    ``lora_unet_<path>.hada_t1`` (LyCORIS, kohya-style names)"""
+    found = next((i for i in (len(parts) - 1, len(parts) - 2) if i >= 1 and parts[i] in _STRUCTURED), None)
+    if found is None:
+        return None
+    name = ".".join(parts[:found]).removeprefix(PEFT_PREFIX)
+    style = "kohya" if name.startswith(KOHYA_PREFIXES) and not key.startswith(PEFT_PREFIX) else "peft"
+    adapter_name = parts[found + 1] if found + 1 < len(parts) else None
+    return _Slot(name, parts[found], style, adapter_name)
+
+
 def _kohya_slot(parts: list[str]) -> _Slot | None:
     """``<name>.lora_down.weight`` / ``<name>.lora_up.weight``"""
     if len(parts) >= 3 and parts[-2] in ("lora_down", "lora_up") and parts[-1] == "weight":
@@ -187,6 +242,10 @@ def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
     unread: list[Skipped] = []
     for key in keys:
         parts = key.split(".")
+        structured = _structured_slot(key, parts)
+        if structured is not None:
+            pairs.setdefault(structured.name, Pair(structured.name)).add(structured, key)
+            continue
         other = _other_method(key, parts)
         if other is not None:
             unread.append(other)
@@ -225,16 +284,16 @@ def adapter_kind(keys) -> str | None:
         return "mlx"
     if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys) or unread:
         return "adapter"
-    return "adapter" if any(p.up or p.down or p.dora for p in pairs.values()) else None
+    return "adapter" if any(p.up or p.down or p.dora or p.parts for p in pairs.values()) else None
 
 
 def module_keys(file: SafetensorsFile) -> dict[str, dict[str, list[str]]]:
     """Each LoRA module's adapter keys: ``factors`` (A/B or down/up, AdaLoRA's lora_E and
-    lora_B.bias: all that zeroing removes the module's update) and ``extra`` (DoRA magnitude,
-    kohya alpha), by module name, read from the key names alone (no base)."""
+    lora_B.bias, LoHa's hada_* and LoKr's lokr_* tensors: all that zeroing removes the module's
+    update) and ``extra`` (DoRA magnitude, kohya/LyCORIS alpha), by module name, read from the
+    key names alone (no base)."""
     pairs, _, _ = classify(file.keys())
     return {
-        name: {"factors": [k for k in (p.down, p.up, p.singular, p.bias) if k],
-               "extra": [k for k in (p.dora, p.alpha) if k]}
-        for name, p in pairs.items() if p.up and p.down
+        name: {"factors": p.factor_keys, "extra": [k for k in (p.dora, p.alpha) if k]}
+        for name, p in pairs.items() if p.complete
     }

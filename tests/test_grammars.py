@@ -46,15 +46,18 @@ def test_each_layout_by_its_key_names_alone():
         "model.layers.0.mlp.up_proj.lora_a",  # MLX-LM: recognised, not read
         "model.layers.0.mlp.down_proj.hada_w1_a",  # LoHa
         "base_model.model.model.norm.weight",  # a full weight PEFT saved
+        "lycoris_fc.lokr_t1",  # a LoKr part no writer fills (LyCORIS lists it, never creates it)
     ]
     pairs, skipped, unread = classify(keys)
     assert {name: (p.style, p.down is not None, p.up is not None, p.dora or p.alpha) for name, p in pairs.items()} == {
         "model.layers.0.self_attn.q_proj": ("peft", True, True, keys[2]),
         "lora_unet_down_blocks_0_proj_in": ("kohya", True, True, keys[5]),
         "mid_block.attentions.0.to_out.0": ("diffusers", True, True, None),
+        "model.layers.0.mlp.down_proj": ("peft", False, False, None),
     }
+    assert pairs["model.layers.0.mlp.down_proj"].parts == {"hada_w1_a": keys[9]}
     assert [(s.key, s.reason) for s in skipped] == [(keys[10], "full weight (modules_to_save)")]
     assert [(s.key, s.reason) for s in unread] == [
         (keys[8], "MLX-LM LoRA tensor (not supported yet)"),
-        (keys[9], "LoHa tensor (not LoRA; not supported yet)"),
+        (keys[11], "LoKr tensor (not LoRA; not supported yet)"),
     ]
