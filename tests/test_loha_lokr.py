@@ -287,3 +287,111 @@ def test_lycoris_loads_the_pruned_file_and_pruned_modules_merge_to_w0(lycoris_ad
             np.testing.assert_allclose(weight, w0s[f"lycoris_{name}"], rtol=0, atol=1e-7)
         else:
             assert np.abs(weight - w0s[f"lycoris_{name}"]).max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line, a non-zero exit, never a silent drop
+
+
+@pytest.fixture(scope="module")
+def peft_pair(tmp_path_factory):
+    """A PEFT LoHa and a PEFT LoKr adapter of one base, as plain tensors to edit."""
+    root = tmp_path_factory.mktemp("bad")
+    base_net(root / "base.safetensors")
+    tensors = {}
+    for name, config in (("loha", PEFT_CASES["loha-flat-conv"]), ("lokr", PEFT_CASES["lokr"])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            get_peft_model(fresh_net(root / "base.safetensors"), config).save_pretrained(root / name)
+        tensors[name] = load_file(str(root / name / "adapter_model.safetensors"))
+    return root, tensors
+
+
+def _edited(tmp_path, tensors: dict, drop=(), **replace) -> str:
+    edited = {k: v for k, v in tensors.items() if k not in drop}
+    edited.update({k.replace("__", "."): v for k, v in replace.items()})
+    save_file(edited, str(tmp_path / "edited.safetensors"))
+    return str(tmp_path / "edited.safetensors")
+
+
+def _fails(root, adapter, *flags) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from ddiscan.cli import cli
+
+    result = CliRunner().invoke(cli, ["report", str(root / "base.safetensors"), adapter, *flags])
+    message = result.output.strip()
+    assert result.exit_code != 0 and len(message.splitlines()) == 1 and "Traceback" not in message, message
+    return result.exit_code, message
+
+
+FC1 = "base_model.model.fc1."
+
+
+def test_a_loha_module_without_a_factor_is_refused(peft_pair, tmp_path):
+    root, tensors = peft_pair
+    _, message = _fails(root, _edited(tmp_path, tensors["loha"], drop=[FC1 + "hada_w2_b"]), "--scaling", "1")
+    assert "loha module fc1 lacks a factor" in message
+
+
+def test_loha_halves_of_different_ranks_are_refused(peft_pair, tmp_path):
+    root, tensors = peft_pair
+    replace = {(FC1 + "hada_w1_b").replace(".", "__"): torch.randn(5, 64)}
+    _, message = _fails(root, _edited(tmp_path, tensors["loha"], **replace), "--scaling", "1")
+    assert "hada_w1_a" in message and "ranks differ" in message
+
+
+def test_lokr_with_a_full_factor_and_its_factors_is_refused(peft_pair, tmp_path):
+    root, tensors = peft_pair
+    replace = {(FC1 + "lokr_w1").replace(".", "__"): torch.randn(6, 8)}
+    _, message = _fails(root, _edited(tmp_path, tensors["lokr"], **replace), "--scaling", "1")
+    assert "both lokr_w1 and its factors" in message
+
+
+def test_lora_and_loha_tensors_of_one_module_are_refused(peft_pair, tmp_path):
+    root, tensors = peft_pair
+    replace = {(FC1 + "lora_A.weight").replace(".", "__"): torch.randn(2, 64)}
+    _, message = _fails(root, _edited(tmp_path, tensors["loha"], **replace), "--scaling", "1")
+    assert "mixes LoRA and loha tensors" in message
+
+
+def test_a_lora_config_beside_loha_tensors_is_refused(peft_pair, tmp_path):
+    root, _ = peft_pair
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / "adapter_model.safetensors").write_bytes((root / "loha" / "adapter_model.safetensors").read_bytes())
+    config = json.loads((root / "loha" / "adapter_config.json").read_text())
+    (directory / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA", "lora_alpha": 2}))
+    _, message = _fails(root, str(directory))
+    assert "peft_type LORA" in message and "loha" in message
+
+
+def test_a_non_finite_loha_factor_is_a_non_finite_module(peft_pair, tmp_path):
+    root, tensors = peft_pair
+    bad = tensors["loha"][FC1 + "hada_w2_a"].clone()
+    bad[0, 0] = float("nan")
+    report = ddiscan.scan(root / "base.safetensors", _edited(tmp_path, tensors["loha"], **{
+        (FC1 + "hada_w2_a").replace(".", "__"): bad}), scaling=1.0)
+    assert {row.name: row.finite for row in report.modules} == {"fc1": False, "fc2": True, "conv": True}
+
+
+def test_project_mode_refuses_a_loha_module(peft_pair, tmp_path):
+    from ddiscan.errors import UsageError
+
+    root, _ = peft_pair
+    with pytest.raises(UsageError) as info:
+        ddiscan.prune(root / "base.safetensors", root / "loha", tmp_path / "out", top=3, mode="project",
+                      aligned=root / "base.safetensors", unaligned=root / "base.safetensors", method="safelora")
+    assert "loha module" in str(info.value)
+
+
+def test_reports_with_cores_follow_the_schema(peft_pair):
+    import jsonschema
+
+    from ddiscan.report import load_schema
+
+    root, _ = peft_pair
+    for name in ("loha", "lokr"):
+        data = json.loads(ddiscan.scan(root / "base.safetensors", root / name).to_json())
+        jsonschema.validate(data, load_schema())
+        assert {row["core"] for row in data["modules"]} <= {"khatri-rao", "kronecker", "dense"}
