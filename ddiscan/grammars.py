@@ -83,7 +83,6 @@ class Pair:
         self.assign(slot.slot, key, slot.style)
         self.embedding = self.embedding or slot.embedding
 
-
     def add_part(self, slot: _Slot, key: str) -> None:
         """A LoHa/LoKr tensor: one per part, one family and one key layout per module."""
         family = _STRUCTURED[slot.slot]
@@ -189,7 +188,7 @@ def _structured_slot(key: str, parts: list[str]) -> _Slot | None:
         return None
     name = ".".join(parts[:found]).removeprefix(PEFT_PREFIX)
     style = "kohya" if name.startswith(KOHYA_PREFIXES) and not key.startswith(PEFT_PREFIX) else "peft"
-    adapter_name = parts[found + 1] if found + 1 < len(parts) else None
+    adapter_name = parts[found + 1] if found + 1 < len(parts) and parts[found + 1] != "weight" else None
     return _Slot(name, parts[found], style, adapter_name)
 
 
