@@ -17,7 +17,7 @@ from .refusals import why_not
 
 __all__ = ["Adapter", "CONFIG_SCHEMA", "LORA_PEFT_TYPES", "load_adapter", "check_peft_type"]
 
-LORA_PEFT_TYPES = ("LORA", "ADALORA", "VERA")
+LORA_PEFT_TYPES = ("LORA", "ADALORA", "VERA", "LOHA", "LOKR")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ CONFIG_SCHEMA = {
     "r": (_positive_int, "a positive integer"),
     "init_r": (_positive_int, "a positive integer"),
     "lora_alpha": (_number, "a number"),
+    "alpha": (_number, "a number"),  # LoHa/LoKr
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
     "rank_pattern": (_patterns(lambda v: _positive_int(v) or _bools(v)),
@@ -149,6 +150,6 @@ def check_peft_type(adapter: Adapter) -> None:
                           "DDI scores low-rank weight updates")
     if peft_type is not None and str(peft_type).upper() not in LORA_PEFT_TYPES:
         raise NoLoraPairs(
-            f"{adapter.config_source}: peft_type {peft_type} is not LoRA; ddiscan reads LoRA and AdaLoRA "
+            f"{adapter.config_source}: peft_type {peft_type} is not LoRA; ddiscan reads LoRA, AdaLoRA, LoHa and LoKr "
             f"adapters, {peft_type} is not supported yet"
         )

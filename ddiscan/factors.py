@@ -13,12 +13,15 @@ from .errors import ShapeMismatch, UnsupportedDtype
 from .grammars import Pair, mlx_transposed
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
 from .vera import vera_shapes
+from .loha_lokr import structured_shapes
 
 __all__ = ["factor_shapes", "check_float_factors", "check_singular", "check_magnitude", "nonempty", "base_fit"]
 
 
 def factor_shapes(pair: Pair, file: SafetensorsFile) -> tuple[int, int, int, str]:
     """(d, k, r, layout) of ΔW from the factor shapes, or ShapeMismatch."""
+    if pair.family is not None:
+        return structured_shapes(pair, file)
     up = file.tensors[pair.up].shape
     down = file.tensors[pair.down].shape
     where = f"{file.path}: {pair.up} {list(up)} / {pair.down} {list(down)}"
@@ -57,8 +60,8 @@ def _mlx_shapes(pair: Pair, up, down, where: str) -> tuple[int, int, int, str]:
 
 def check_float_factors(pair: Pair, file: SafetensorsFile) -> None:
     """LoRA factors are floats: an integer or boolean factor is not an update ddiscan can score."""
-    for key in (pair.down, pair.up, pair.singular, pair.bias):
-        if key is not None and file.tensors[key].dtype not in FLOAT_DTYPES:
+    for key in pair.factor_keys:
+        if file.tensors[key].dtype not in FLOAT_DTYPES:
             raise UnsupportedDtype(f"{file.path}: {key} has dtype {file.tensors[key].dtype}; LoRA factors must be "
                                    f"floating point ({', '.join(sorted(FLOAT_DTYPES))})")
 

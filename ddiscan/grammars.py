@@ -1,11 +1,12 @@
 """The key grammars of LoRA adapters: which tensor of a file is which factor of which module.
 
-Five layouts are told apart by the key names alone (SPEC.md §1, §8, §9; :mod:`ddiscan.lora`
+Six layouts are told apart by the key names alone (SPEC.md §1, §8, §9, §11; :mod:`ddiscan.lora`
 lists them): PEFT (``<path>.lora_A[.<adapter>].weight`` …), kohya / sd-scripts
 (``<name>.lora_down.weight`` …), diffusers before PEFT (``<path>.lora.down.weight``,
 ``<attn>.processor.to_q_lora.down.weight`` …), MLX-LM (``<module>.lora_a`` in × r,
-``<module>.lora_b`` r × out, DoRA's ``<module>.m``) and PEFT's VeRA (``vera_lambda_b`` /
-``vera_lambda_d``, shared ``vera_A`` / ``vera_B``). :func:`classify` groups a file's keys into
+``<module>.lora_b`` r × out, DoRA's ``<module>.m``), PEFT's VeRA (``vera_lambda_b`` /
+``vera_lambda_d``, shared ``vera_A`` / ``vera_B``) and LoHa / LoKr (PEFT's and LyCORIS's ``hada_*`` /
+``lokr_*``); the last three's slots are :mod:`ddiscan.familykeys`'. :func:`classify` groups a file's keys into
 :class:`Pair` s and names every other tensor as skipped (no update) or unread (an update
 ddiscan cannot read).
 """
@@ -13,28 +14,20 @@ ddiscan cannot read).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import MatchError
 from .io.reader import SafetensorsFile
+from .familykeys import (KOHYA_PREFIXES, MLX_EMBEDDINGS, PEFT_PREFIX, STRUCTURED, STRUCTURED_NEEDS, Skipped, Slot,
+                         mlx_slot, mlx_transposed, structured_slot, vera_slot)
 from .refusals import why_not
 
 __all__ = ["PEFT_PREFIX", "KOHYA_PREFIXES", "Skipped", "Pair", "classify", "unread_summary", "adapter_kind",
            "module_keys", "mlx_transposed", "MLX_EMBEDDINGS"]
 
-PEFT_PREFIX = "base_model.model."
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_", "lora_")
 _PEFT_PARTS = {"lora_A": "down", "lora_B": "up", "lora_embedding_A": "down", "lora_embedding_B": "up"}
 # PEFT tensors beside the factors: DoRA's magnitude and AdaLoRA's singular values
 _PEFT_EXTRAS = {"lora_magnitude_vector": "dora", "lora_E": "singular"}
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An adapter tensor that is not part of a LoRA pair, and why it was passed over."""
-
-    key: str
-    reason: str
 
 
 @dataclass
@@ -51,6 +44,20 @@ class Pair:
     singular: str | None = None  # AdaLoRA's lora_E
     bias: str | None = None  # lora_B.bias
     adapter_name: str | None = None
+    family: str | None = None  # "loha" or "lokr": the update is in ``parts``, not up/down
+    parts: dict[str, str] = field(default_factory=dict)  # LoHa/LoKr part (hada_w1_a …) → key
+
+    @property
+    def complete(self) -> bool:
+        """Whether every factor of the update is here (LoRA: up and down; LoHa/LoKr: ``STRUCTURED_NEEDS``)."""
+        if self.family is None:
+            return bool(self.up and self.down)
+        return all(any(part in self.parts for part in choice) for choice in STRUCTURED_NEEDS[self.family])
+
+    @property
+    def factor_keys(self) -> list[str]:
+        """The tensors that carry the update: zeroing them all makes ΔW = 0."""
+        return [k for k in (self.down, self.up, self.singular, self.bias, *self.parts.values()) if k]
 
     def assign(self, slot: str, key: str, style: str | None = None) -> None:
         if getattr(self, slot) is not None:
@@ -61,35 +68,36 @@ class Pair:
                 raise MatchError(f"{key}: LoRA module {self.name} mixes {self.style} and {style} keys")
             self.style = style
 
-    def add(self, slot: _Slot, key: str) -> None:
+    def add(self, slot: Slot, key: str) -> None:
         self.adapter_name = self.adapter_name or slot.adapter_name
+        if slot.slot in STRUCTURED:
+            self.add_part(slot, key)
+            return
+        if self.family is not None and slot.slot in ("up", "down"):
+            raise MatchError(f"{key}: module {self.name} mixes LoRA and {self.family} tensors")
         self.assign(slot.slot, key, slot.style)
         self.embedding = self.embedding or slot.embedding
 
+    def add_part(self, slot: Slot, key: str) -> None:
+        """A LoHa/LoKr tensor: one per part, one family and one key layout per module."""
+        family = STRUCTURED[slot.slot]
+        if self.up or self.down:
+            raise MatchError(f"{key}: module {self.name} mixes LoRA and {family} tensors")
+        if slot.slot in self.parts:
+            raise MatchError(f"{key} and {self.parts[slot.slot]}: two {slot.slot} tensors for module {self.name}")
+        if self.family not in (None, family):
+            raise MatchError(f"{key}: module {self.name} mixes {self.family} and {family} tensors")
+        if self.style not in (None, slot.style):
+            raise MatchError(f"{key}: module {self.name} mixes {self.style} and {slot.style} keys")
+        self.family, self.style = family, slot.style
+        self.parts[slot.slot] = key
 
-@dataclass(frozen=True)
-class _Slot:
-    """What one key's name says it is: ``slot`` of module ``name``, in ``style``'s layout."""
 
-    name: str
-    slot: str
-    style: str | None = None
-    adapter_name: str | None = None
-    embedding: bool = False
-
-
-# Key components that name a non-LoRA PEFT/LyCORIS method, by prefix.
+# Key components that name a non-LoRA PEFT/LyCORIS method, by prefix (LoHa/LoKr: the parts
+# not in STRUCTURED, such as LyCORIS's unused lokr_t1).
 _ALGORITHMS = (("hada_", "LoHa"), ("lokr_", "LoKr"), ("boft_", "BOFT"), ("oft_", "OFT"), ("ia3_", "IA3"))
-# PEFT's VeRA (ddiscan.vera): per module <path>.vera_lambda_b / vera_lambda_d, shared base_model.vera_A / vera_B
-_VERA_PARTS = {"vera_lambda_b": "up", "vera_lambda_d": "down"}
-_VERA_SHARED = ("vera_A", "vera_B")
 # "lora" as a word of a key component: lora_A, lora_down, lora_unet_…, to_q_lora, lora_linear_layer
 _LORA_WORD = re.compile(r"(?:^|_)lora(?:_|$)", re.IGNORECASE)
-# mlx-lm's LoRALinear (mlx_lm/tuner/lora.py): <module>.lora_a (in × r), <module>.lora_b (r × out), transposed
-# against PEFT; its LoRAEmbedding: lora_a (num_embeddings × r), lora_b (r × dims), ΔW = s·lora_a·lora_b as stored
-_MLX_FACTORS = ("lora_a", "lora_b")
-# the module names mlx-lm's models give an nn.Embedding (the only modules it wraps in LoRAEmbedding)
-MLX_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 # diffusers' attention-processor LoRA (LoRAAttnProcessor): <attn>.processor.to_q_lora.down.weight
 _PROCESSOR_FACTOR = re.compile(r"to_(q|k|v|out)_lora")
 
@@ -145,65 +153,30 @@ def _other_method(key: str, parts: list[str]) -> Skipped | None:
     return None
 
 
-def _mlx_slot(parts: list[str], mlx_modules: set[str]) -> _Slot | None:
-    """mlx-lm's ``<module>.lora_a`` / ``<module>.lora_b`` and DoRA's ``<module>.m`` (beside a
-    lora_a). A Linear's factors are transposed against PEFT's (lora_a is downᵀ, lora_b upᵀ);
-    an embedding's are not (lora_a is up, lora_b down): :func:`mlx_transposed`."""
-    if len(parts) < 2:
-        return None
-    name = ".".join(parts[:-1])
-    if parts[-1] == "m" and name in mlx_modules:
-        return _Slot(name, "dora")
-    if parts[-1] not in _MLX_FACTORS:
-        return None
-    embedding = parts[-2] in MLX_EMBEDDINGS
-    down = (parts[-1] == "lora_a") != embedding
-    return _Slot(name, "down" if down else "up", "mlx", embedding=embedding)
-
-
-def _vera_slot(parts: list[str]) -> _Slot | Skipped | None:
-    """VeRA's ``[base_model.model.]<path>.vera_lambda_b[.<adapter>]`` (up) and ``vera_lambda_d``
-    (down); its shared ``base_model.vera_A`` / ``vera_B``, read with each module, as skipped."""
-    found = next((i for i in (len(parts) - 1, len(parts) - 2) if i >= 0 and parts[i] in (*_VERA_PARTS, *_VERA_SHARED)),
-                 None)
-    if found is None:
-        return None
-    if parts[found] in _VERA_SHARED:
-        return Skipped(".".join(parts), "VeRA's shared projection (read with each module)")
-    adapter_name = parts[found + 1] if found + 1 < len(parts) else None
-    name = ".".join(parts[:found]).removeprefix(PEFT_PREFIX)
-    return _Slot(name, _VERA_PARTS[parts[found]], "vera", adapter_name) if name else None
-
-
-def mlx_transposed(pair: Pair) -> bool:
-    """Whether ``pair``'s factor tensors are stored transposed (an MLX-LM Linear's)."""
-    return pair.style == "mlx" and not pair.embedding
-
-
-def _kohya_slot(parts: list[str]) -> _Slot | None:
+def _kohya_slot(parts: list[str]) -> Slot | None:
     """``<name>.lora_down.weight`` / ``<name>.lora_up.weight``"""
     if len(parts) >= 3 and parts[-2] in ("lora_down", "lora_up") and parts[-1] == "weight":
-        return _Slot(".".join(parts[:-2]), parts[-2].removeprefix("lora_"), "kohya")
+        return Slot(".".join(parts[:-2]), parts[-2].removeprefix("lora_"), "kohya")
     return None
 
 
-def _diffusers_slot(parts: list[str]) -> _Slot | None:
+def _diffusers_slot(parts: list[str]) -> Slot | None:
     """``<path>.lora.down.weight``, ``<attn>.processor.to_q_lora.up.weight`` …"""
     if len(parts) < 3 or parts[-2] not in ("down", "up") or parts[-1] != "weight":
         return None
     module = _diffusers_module(parts[:-2])
-    return _Slot(".".join(module), parts[-2], "diffusers") if module else None
+    return Slot(".".join(module), parts[-2], "diffusers") if module else None
 
 
-def _scalar_slot(parts: list[str]) -> _Slot | None:
+def _scalar_slot(parts: list[str]) -> Slot | None:
     """kohya's and diffusers' ``<name>.alpha``, LyCORIS's ``<name>.dora_scale``"""
     if len(parts) < 2 or parts[-1] not in ("alpha", "dora_scale"):
         return None
     name = ".".join(_diffusers_module(parts[:-1]) or parts[:-1])
-    return _Slot(name, "alpha" if parts[-1] == "alpha" else "dora")
+    return Slot(name, "alpha" if parts[-1] == "alpha" else "dora")
 
 
-def _peft_slot(parts: list[str]) -> _Slot | None:
+def _peft_slot(parts: list[str]) -> Slot | None:
     """``[base_model.model.]<path>.lora_A[.<adapter>].weight`` and its kin (lora_B.bias,
     lora_embedding_A/B, lora_magnitude_vector, lora_E)."""
     stem = parts[:-1] if parts[-1] in ("weight", "bias") else parts
@@ -215,10 +188,10 @@ def _peft_slot(parts: list[str]) -> _Slot | None:
     name = ".".join(stem[:found]).removeprefix(PEFT_PREFIX)
     adapter_name = stem[found + 1] if found + 1 < len(stem) else None
     if part in _PEFT_EXTRAS:
-        return _Slot(name, _PEFT_EXTRAS[part], adapter_name=adapter_name)
+        return Slot(name, _PEFT_EXTRAS[part], adapter_name=adapter_name)
     if parts[-1] == "bias":
-        return _Slot(name, "bias", adapter_name=adapter_name)
-    return _Slot(name, _PEFT_PARTS[part], "peft", adapter_name, part.startswith("lora_embedding"))
+        return Slot(name, "bias", adapter_name=adapter_name)
+    return Slot(name, _PEFT_PARTS[part], "peft", adapter_name, part.startswith("lora_embedding"))
 
 
 def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
@@ -231,15 +204,19 @@ def classify(keys) -> tuple[dict[str, Pair], list[Skipped], list[Skipped]]:
     mlx_modules = {key.removesuffix(".lora_a") for key in keys if key.endswith(".lora_a")}
     for key in keys:
         parts = key.split(".")
+        structured = structured_slot(key, parts)
+        if structured is not None:
+            pairs.setdefault(structured.name, Pair(structured.name)).add(structured, key)
+            continue
         other = _other_method(key, parts)
         if other is not None:
             unread.append(other)
             continue
-        slot = _vera_slot(parts)
+        slot = vera_slot(parts)
         if isinstance(slot, Skipped):
             skipped.append(slot)
             continue
-        slot = (slot or _mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts)
+        slot = (slot or mlx_slot(parts, mlx_modules) or _kohya_slot(parts) or _diffusers_slot(parts)
                 or _scalar_slot(parts) or _peft_slot(parts))
         if slot is not None:
             pairs.setdefault(slot.name, Pair(slot.name)).add(slot, key)
@@ -271,16 +248,16 @@ def adapter_kind(keys) -> str | None:
     pairs, _, unread = classify(keys)
     if any(key.startswith((PEFT_PREFIX, *KOHYA_PREFIXES)) for key in keys) or unread:
         return "adapter"
-    return "adapter" if any(p.up or p.down or p.dora for p in pairs.values()) else None
+    return "adapter" if any(p.up or p.down or p.dora or p.parts for p in pairs.values()) else None
 
 
 def module_keys(file: SafetensorsFile) -> dict[str, dict[str, list[str]]]:
     """Each LoRA module's adapter keys: ``factors`` (A/B or down/up, AdaLoRA's lora_E and
-    lora_B.bias: all that zeroing removes the module's update) and ``extra`` (DoRA magnitude,
-    kohya alpha), by module name, read from the key names alone (no base)."""
+    lora_B.bias, LoHa's hada_* and LoKr's lokr_* tensors: all that zeroing removes the module's
+    update) and ``extra`` (DoRA magnitude, kohya/LyCORIS alpha), by module name, read from the
+    key names alone (no base)."""
     pairs, _, _ = classify(file.keys())
     return {
-        name: {"factors": [k for k in (p.down, p.up, p.singular, p.bias) if k],
-               "extra": [k for k in (p.dora, p.alpha) if k]}
-        for name, p in pairs.items() if p.up and p.down
+        name: {"factors": p.factor_keys, "extra": [k for k in (p.dora, p.alpha) if k]}
+        for name, p in pairs.items() if p.complete
     }

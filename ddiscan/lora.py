@@ -3,23 +3,14 @@
 This module puts the pieces together (:func:`match_modules`) and keeps the public names of
 all of them: reading an adapter is :mod:`ddiscan.adapter`, the key grammars
 :mod:`ddiscan.grammars`, the base-key lookups and checks :mod:`ddiscan.basekeys`, the
-scaling :mod:`ddiscan.scaling`.
+scaling :mod:`ddiscan.scaling`, LoHa and LoKr (PEFT's and LyCORIS's keys) :mod:`ddiscan.loha_lokr`.
 
-Four key layouts are read (SPEC.md §1, §8): **PEFT** (also diffusers' and mergekit's:
-``[base_model.model.]<path>.lora_A[.<adapter>].weight`` / ``lora_B``, ``lora_B.bias``,
-``lora_embedding_A/B``; AdaLoRA's ``lora_E``), scaled from ``adapter_config.json`` or
-diffusers' ``lora_adapter_metadata``; **kohya / sd-scripts** (``<name>.lora_down.weight`` /
-``lora_up`` / ``.alpha``); **diffusers before PEFT** (``<path>.lora.down.weight``,
-``lora_linear_layer``, ``processor.to_q_lora``, ``.alpha``); **MLX-LM** (``lora_a`` in × r,
-``lora_b`` r × out, DoRA's ``m``; ``lora_parameters.scale``). VeRA is :mod:`ddiscan.vera`'s.
-
-Every other tensor that carries an update (a LoRA-looking key in no layout above, or a
-LoHa/LoKr/OFT/BOFT/IA3 tensor) is *unread*: an error, or a counted warning with
-``allow_unmatched``, never a silent drop.
-
-Every module is returned in PyTorch ``nn.Linear`` terms: ``up`` is d × r, ``down`` is r × k
-and ΔW = s · up · down has the shape (d, k) of the base weight as scored (after a GPT-2
-``Conv1D`` transpose or a convolution flatten).
+The key layouts read (PEFT, kohya, diffusers before PEFT, MLX-LM; VeRA :mod:`ddiscan.vera`;
+LoHa/LoKr :mod:`ddiscan.loha_lokr`) are listed in :mod:`ddiscan.grammars` (SPEC.md §1, §8, §9,
+§11). Every other tensor that carries an update is *unread*: an error, or a counted warning
+with ``allow_unmatched``, never a silent drop. Modules are in ``nn.Linear`` terms: ΔW = s · up
+· down (d × r by r × k) has the base weight's scored shape (after a ``Conv1D`` transpose or a
+conv flatten).
 """
 
 from __future__ import annotations
@@ -37,6 +28,7 @@ from .grammars import (KOHYA_PREFIXES, PEFT_PREFIX, Pair, Skipped, adapter_kind,
                        unread_summary)
 from .io.index import TensorIndex
 from .io.reader import SafetensorsFile
+from .loha_lokr import core_of, structured_factors, structured_scale
 from .scaling import module_scale
 from .vera import vera_factors, vera_width
 
@@ -71,6 +63,9 @@ class LoraModule:
     bias_key: str | None = None  # PEFT's lora_B.bias (lora_bias=True)
     transpose_factors: bool = False  # MLX-LM: the file holds upᵀ and downᵀ
     vera: bool = False  # VeRA: up_key is lambda_b, down_key lambda_d (ddiscan.vera)
+    family: str | None = None  # "loha" or "lokr": the update is in ``parts`` (up_key/down_key are None)
+    parts: tuple[tuple[str, str], ...] = ()  # LoHa/LoKr part (hada_w1_a …) and its key
+    core: str = "lora"  # what scores ΔW: loha_lokr.CORES
 
     @property
     def kind(self) -> str:
@@ -85,7 +80,8 @@ class LoraModule:
 
     @property
     def adapter_keys(self) -> tuple[str, ...]:
-        keys = (self.down_key, self.up_key, self.singular_key, self.bias_key, self.dora_key, self.alpha_key)
+        keys = (self.down_key, self.up_key, self.singular_key, self.bias_key, *(k for _, k in self.parts),
+                self.dora_key, self.alpha_key)
         return tuple(k for k in keys if k)
 
 
@@ -156,15 +152,17 @@ def _complete_pairs(file: SafetensorsFile, pairs: dict[str, Pair], unread: list[
     (alpha) or unread (magnitude, lora_E, bias)."""
     _one_adapter(file, pairs)
     for p in pairs.values():
-        if p.up and p.down:
+        if p.complete:
             continue
+        if p.parts:
+            raise MatchError(f"{file.path}: {p.family} module {p.name} lacks a factor ({', '.join(sorted(p.parts))})")
         if p.up or p.down:
             have, lack = (p.up, "lora_A/lora_down") if p.up else (p.down, "lora_B/lora_up")
             raise MatchError(f"{file.path}: {have} has no matching {lack} tensor")
         if p.alpha:
             findings.skipped.append(Skipped(p.alpha, "alpha without a LoRA pair"))
         unread.extend(Skipped(k, "magnitude/lora_E/bias without a LoRA pair") for k in (p.dora, p.singular, p.bias) if k)
-    return [p for p in pairs.values() if p.up and p.down]
+    return [p for p in pairs.values() if p.complete]
 
 
 def _one_adapter(file: SafetensorsFile, pairs: dict[str, Pair]) -> None:
@@ -213,19 +211,19 @@ def _match_pair(pair: Pair, file: SafetensorsFile, base: TensorIndex, lookup: Ba
         findings.skipped.extend(Skipped(key, "AdaLoRA module with every rank pruned (ΔW = 0)")
                                 for key in (pair.down, pair.up, pair.singular))
         return None
-    d, k, r, layout = nonempty(shapes, f"{file.path}: {pair.down}")
+    d, k, r, layout = nonempty(shapes, f"{file.path}: {pair.down or pair.name}")
     check_singular(pair, file, r)
     check_magnitude(pair, file, {k if layout == "embedding" else d} if pair.style in ("peft", "mlx") else {d, k})
     base_key = _base_key(pair, base, lookup, d, k, findings)
     if base_key is None:
-        findings.unmatched.append(pair.down)
+        findings.unmatched.append(pair.down or pair.name)
         return None
     check_not_quantized(base, lookup.keys, base_key)
     k = vera_width(base.info(base_key).shape, d, k) if pair.style == "vera" else k
     as_is, transposed = base_fit(base.info(base_key).shape, d, k)
     if not (as_is or transposed):
         raise ShapeMismatch(
-            f"{pair.down}: ΔW is {d} × {k} (rank {r}) but base weight {base_key} is "
+            f"{pair.down or pair.name}: ΔW is {d} × {k} (rank {r}) but base weight {base_key} is "
             f"{list(base.info(base_key).shape)}"
         )
     return BaseMatch(pair, base_key, d, k, r, layout, as_is, transposed)
@@ -241,7 +239,7 @@ def _base_key(pair: Pair, base: TensorIndex, lookup: BaseNames, d: int, k: int, 
             findings.warnings.append(f"{pair.name}: no lm_head weight in the base; scored against the tied "
                                      f"input embedding {candidates[0]}")
     if len(candidates) > 1:
-        raise MatchError(f"{pair.down}: matches several base weights ({', '.join(candidates)}); refusing to guess")
+        raise MatchError(f"{pair.down or pair.name}: matches several base weights ({', '.join(candidates)}); refusing to guess")
     return candidates[0] if candidates else None
 
 
@@ -252,12 +250,13 @@ def _modules(found: list[BaseMatch], adapter: Adapter, alpha: float | None, scal
     for m in found:
         pair = m.pair
         transpose = m.transposed and (not m.as_is or transpose_square.get(m.base_key, False))
-        scale, source = module_scale(adapter, pair, m.r, alpha, scaling)
+        scale, source = (structured_scale if pair.family else module_scale)(adapter, pair, m.r, alpha, scaling)
         modules.append(LoraModule(
             name=pair.name, base_key=m.base_key, up_key=pair.up, down_key=pair.down, layout=m.layout,
             d=m.d, k=m.k, r=m.r, scale=scale, scale_source=source, transpose_base=transpose,
             dora_key=pair.dora, alpha_key=pair.alpha, singular_key=pair.singular, bias_key=pair.bias,
-            transpose_factors=mlx_transposed(pair), vera=pair.style == "vera",
+            transpose_factors=mlx_transposed(pair), vera=pair.style == "vera", family=pair.family,
+            parts=tuple(sorted(pair.parts.items())), core=core_of(pair.family, m.d, m.k, m.r),
         ))
     return modules
 
@@ -270,6 +269,8 @@ def lora_factors(module: LoraModule, file: SafetensorsFile) -> tuple[np.ndarray,
     """``(up, down)`` as float64 arrays, d × r and r × k, so that ΔW = s · up · down."""
     if module.vera:
         return vera_factors(module.up_key, module.down_key, module.k, file)
+    if module.family is not None:
+        return structured_factors(module, file, structured=False)
     up = np.asarray(file.array(module.up_key), dtype=np.float64)
     down = np.asarray(file.array(module.down_key), dtype=np.float64)
     if module.singular_key is not None:  # AdaLoRA: B·diag(E)·A, zero rows of E included

@@ -19,6 +19,7 @@ from .lora import Adapter, base_matrix, load_adapter, lora_factors, match_module
 from .report import SCORES, ModuleScore, Report
 from .rewrite import rewrite_adapter
 from .io.reader import sha256
+from .io.writer import literal
 from .scan import scan
 from .sources import alignment_update as _alignment_update
 from .sources.gguf import open_weights
@@ -172,6 +173,9 @@ def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) ->
     for m in modules:
         if m.name not in names:
             continue
+        if m.family is not None:  # C·ΔW of a Hadamard or Kronecker product is no longer one
+            raise OptionError(f"{literal(m.name)}: {{mode}} project rewrites a LoRA lora_B; this is a {m.family} "
+                              "module (use {mode} zero or drop)", "mode")
         diff = orient(m, _alignment_update(pair, m.base_key, index.info(m.base_key).shape))
         up, _ = lora_factors(m, adapter.file)
         projected = safelora.project_up(diff, up, diff_norm=frobenius(diff), xp=np)

@@ -24,11 +24,13 @@ from ._version import __version__
 from .errors import UsageError
 from .io.reader import sha256
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
+from .loha_lokr import structured_factors
 from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
 from .report import SCHEMA_VERSION, Report, summarize
 from .score import METHOD_TABLE
 from .sketch import Sketch
 from .sources import WeightSource, open_source
+from .structured import Kron
 
 __all__ = ["scan", "scan_many", "DEFAULT_POWER_ITERS", "DEFAULT_OVERSAMPLE"]
 
@@ -226,13 +228,27 @@ def _parameters(options: ScanOptions) -> dict:
     }
 
 
+def _factors(module: LoraModule, file, method: str):
+    """A module's update as thin float64 (up, down); a LoKr module's as its Kronecker factors
+    (:class:`~ddiscan.structured.Kron`) for DDI, which scores them without their product."""
+    if module.family is not None:
+        return structured_factors(module, file, structured=method == "ddi")
+    return spectral.thin_factors(*lora_factors(module, file))
+
+
+def _in_namespace(factors, xp):
+    if isinstance(factors, Kron):
+        return factors.asarray(xp), None
+    return xp.asarray(factors[0]), xp.asarray(factors[1])
+
+
 def _score_all(source: WeightSource, opened, plan, options: ScanOptions, xp) -> list[list]:
     """Every planned module's score, one base weight at a time in the source's order."""
     scorer = METHOD_TABLE[options.method].scorer
 
     def fetch(key):
         """Read a key's LoRA factors; let the source map what it needs."""
-        factors = [spectral.thin_factors(*lora_factors(module, opened[i].file)) for i, module in plan[key]]
+        factors = [_factors(module, opened[i].file, options.method) for i, module in plan[key]]
         return factors, source.fetch(key)
 
     def load(key, fetched):
@@ -245,10 +261,10 @@ def _score_all(source: WeightSource, opened, plan, options: ScanOptions, xp) -> 
     for key, (factors, (matrix, norm)) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
                                                file=sys.stderr, disable=not options.progress):
         weight = _Weight(source, key, matrix, norm, xp)
-        for (i, module), (up, down) in zip(plan[key], factors):
+        for (i, module), update in zip(plan[key], factors):
             size = _subspace_size(module, options.t, options.t_mult)
-            scores[i].append(scorer(module, xp.asarray(up), xp.asarray(down), weight, t=size, options=options,
-                                    xp=xp))
+            up, down = _in_namespace(update, xp)
+            scores[i].append(scorer(module, up, down, weight, t=size, options=options, xp=xp))
         del factors, matrix, weight
     return scores
 

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from . import spectral
+from . import spectral, structured
 from .ediem import ediem_score
 from .errors import InputError
 from .safelora import safelora_score
@@ -57,6 +57,7 @@ class ModuleScore:
     base_norm: float | None = None
     cosine: float | None = None
     ediem: float | None = None
+    core: str = "lora"  # what scored ΔW: "lora", "khatri-rao" (LoHa), "kronecker" (LoKr) or "dense"
 
 
 def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
@@ -66,10 +67,9 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
     if not _finite_inputs(module, up, down, weight.norm, xp):
         return ModuleScore(**fields, finite=False)
     base_norm = weight.norm
-    spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
+    spectrum, dev = _spectrum_deviation(module, up, down, weight.basis(module, t), xp)
     delta_norm = _finite_norm(module, spectrum)
     sharp = spectral.sharpness(spectrum)
-    dev = spectral.deviation(weight.basis(module, t), up, spectrum, module.scale, xp=xp)
     mag = spectral.magnitude(delta_norm, base_norm)
     mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
     ddi_raw = sharp * dev * mag
@@ -80,6 +80,16 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
     )
+
+
+def _spectrum_deviation(module, up, down, basis, xp) -> tuple[spectral.Spectrum, float]:
+    """ΔW's spectrum and O through the module's core: LoKr's two Kronecker factors
+    (:mod:`ddiscan.structured`, ``up`` a Kron), or the r × r core of up · down."""
+    if isinstance(up, structured.Kron):
+        spectrum = structured.kron_spectrum(up, module.scale, xp=xp)
+        return spectrum.whole, structured.kron_deviation(basis, up, spectrum, xp=xp)
+    spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
+    return spectrum, spectral.deviation(basis, up, spectrum, module.scale, xp=xp)
 
 
 def score_safelora(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
@@ -112,6 +122,7 @@ def _fields(module, t: int) -> dict:
         layout=module.layout, d=module.d, k=module.k, r=module.r, t=t,
         scale=module.scale if math.isfinite(module.scale) else None,  # a NaN/Inf .alpha or lora_alpha
         scale_source=module.scale_source, transposed=module.transpose_base, dora=module.dora_key is not None,
+        core=module.core,
     )
 
 
@@ -127,6 +138,8 @@ def _finite_norm(module, spectrum) -> float:
 def _finite_inputs(module, up, down, norm: float, xp) -> bool:
     """Whether the scale, the factors and the weight's norm are all finite (NaN/Inf is
     reported as a non-finite module, not an error)."""
+    if isinstance(up, structured.Kron):
+        return math.isfinite(module.scale) and math.isfinite(norm) and up.finite(xp)
     return (math.isfinite(module.scale) and math.isfinite(norm)
             and bool(xp.all(xp.isfinite(up))) and bool(xp.all(xp.isfinite(down))))
 

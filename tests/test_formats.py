@@ -287,8 +287,6 @@ def test_unknown_lora_layout_is_never_dropped_silently(tmp_path):
 
 
 NON_LORA = {
-    "LOHA": (LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoHa"),
-    "LOKR": (LoKrConfig(r=4, target_modules=["q_proj", "v_proj"]), "LoKr"),
     "IA3": (IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]), "IA3"),
     "OFT": (OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"]), "OFT"),
     "BOFT": (BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"]), "BOFT"),
@@ -304,6 +302,7 @@ def non_lora(tmp_path_factory):
             warnings.simplefilter("ignore")
             get_peft_model(tiny_llama(), config).save_pretrained(root / peft_type)
     get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["k_proj"])).save_pretrained(root / "lora")
+    get_peft_model(tiny_llama(), LoHaConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(root / "LOHA")
     return root
 
 
@@ -322,23 +321,22 @@ def test_non_lora_peft_adapter_named_in_one_line(non_lora, peft_type, tmp_path):
     assert NON_LORA[peft_type][1] in str(info.value) and "not supported" in str(info.value)
 
 
-def test_lora_mixed_with_loha_is_an_error_or_a_counted_warning(non_lora, tmp_path):
+def test_lora_and_loha_modules_of_one_file_are_each_scored_by_their_core(non_lora, tmp_path):
     tensors = {**_keys(non_lora / "lora" / "adapter_model.safetensors"),
                **_keys(non_lora / "LOHA" / "adapter_model.safetensors")}
-    loha = sum("hada_" in k for k in tensors)
     adapter = tmp_path / "mixed.safetensors"
     save_file(tensors, str(adapter))
-    with pytest.raises(MatchError) as info:
-        ddiscan.scan(non_lora / "base", adapter, scaling=1.0)
-    assert f"{loha} tensor(s)" in str(info.value) and "LoHa" in str(info.value)
-    report = ddiscan.scan(non_lora / "base", adapter, scaling=1.0, allow_unmatched=True)
-    assert {m.name for m in report.modules} == {"model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.k_proj"}
-    assert any(f"{loha} tensor(s) ddiscan cannot read" in w for w in report.warnings)
-    assert sum("LoHa" in s["reason"] for s in report.skipped) == loha
+    report = ddiscan.scan(non_lora / "base", adapter, scaling=1.0)
+    cores = {m.name.rsplit(".", 1)[-1]: m.core for m in report.modules}
+    # v_proj is 32 × 64: r² = 16 > 32 / 4, so its ΔW is scored densely
+    assert cores == {"k_proj": "lora", "q_proj": "khatri-rao", "v_proj": "dense"} and len(report.modules) == 6
 
 
-@pytest.mark.parametrize("algo, name", [("loha", "LoHa"), ("lokr", "LoKr")])
-def test_lycoris_adapter_named(non_lora, tmp_path, algo, name):
+CORES = {"loha": "khatri-rao", "lokr": "kronecker"}
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_lycoris_adapter_is_read(non_lora, tmp_path, algo):
     from lycoris import LycorisNetwork, create_lycoris
 
     model = tiny_llama()
@@ -347,9 +345,9 @@ def test_lycoris_adapter_named(non_lora, tmp_path, algo, name):
     network.apply_to()
     adapter = tmp_path / f"{algo}.safetensors"
     network.save_weights(str(adapter), torch.float32, None)
-    with pytest.raises(NoLoraPairs) as info:
-        ddiscan.scan(non_lora / "base", adapter)
-    assert name in str(info.value) and "not supported" in str(info.value)
+    report = ddiscan.scan(non_lora / "base", adapter)
+    assert report.modules and {m.core for m in report.modules} <= {CORES[algo], "dense"}
+    assert {m.base_key for m in report.modules} >= {"model.layers.0.self_attn.q_proj.weight"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ def test_each_layout_by_its_key_names_alone():
         "model.embed_tokens.lora_a",  # an MLX-LM embedding: lora_a is up, lora_b down, as stored
         "model.embed_tokens.lora_b",
         "model.norm.m",  # no lora_a beside it: not a magnitude
+        "lycoris_fc.lokr_t1",  # a LoKr part no writer fills (LyCORIS lists it, never creates it)
     ]
     pairs, skipped, unread = classify(keys)
     assert {name: (p.style, p.down is not None, p.up is not None, p.dora or p.alpha) for name, p in pairs.items()} == {
@@ -59,9 +60,11 @@ def test_each_layout_by_its_key_names_alone():
         "mid_block.attentions.0.to_out.0": ("diffusers", True, True, None),
         "model.layers.0.mlp.up_proj": ("mlx", True, True, keys[12]),
         "model.embed_tokens": ("mlx", True, True, None),
+        "model.layers.0.mlp.down_proj": ("peft", False, False, None),
     }
     assert (pairs["model.layers.0.mlp.up_proj"].down, pairs["model.layers.0.mlp.up_proj"].up) == (keys[8], keys[11])
     assert (pairs["model.embed_tokens"].up, pairs["model.embed_tokens"].down) == (keys[13], keys[14])
+    assert pairs["model.layers.0.mlp.down_proj"].parts == {"hada_w1_a": keys[9]}
     assert [(s.key, s.reason) for s in skipped] == [(keys[10], "full weight (modules_to_save)"),
                                                    (keys[15], "not a LoRA tensor")]
-    assert [(s.key, s.reason) for s in unread] == [(keys[9], "LoHa tensor (not LoRA; not supported yet)")]
+    assert [(s.key, s.reason) for s in unread] == [(keys[16], "LoKr tensor (not LoRA; not supported yet)")]
