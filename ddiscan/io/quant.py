@@ -1,0 +1,130 @@
+"""Quantized base weights: the dequantizer contract, the registry, and how a checkpoint's
+config picks its scheme.
+
+A quantized checkpoint stores, in place of a module's ``<stem>.weight``, a few tensors
+(packed codes, scales, zero points, a state blob) that a scheme turns back into W0. Each
+family of schemes is one module under ``ddiscan/io/`` of pure NumPy kernels (no torch, no
+bitsandbytes at run time) that exposes a tuple ``SCHEMES`` of :class:`QuantScheme`:
+
+* ``parts(stem, keys)``: the tensor keys the scheme needs for the weight of ``stem``
+  (``"model.layers.0.self_attn.q_proj"``), by role (``{"qweight": ..., "scales": ...}``),
+  or None when ``stem`` is not stored in this scheme (``keys``: every key of the checkpoint);
+* ``dequantize(arrays, *, meta, dtype)``: W0 as an ``(out, in)`` array of ``dtype``, from the
+  stored tensors by role (as :func:`read_parts` gives them) and ``meta``, the checkpoint's
+  quantization config (:func:`select`). It validates every shape and size against ``meta``
+  and raises :class:`~ddiscan.errors.QuantizedBase` with a one-line message naming the key
+  or role and what was expected; it is vectorised (no Python loop over blocks or groups);
+* ``describe(meta)``: the report's ``"quantization"`` entry for a module stored this way,
+  e.g. ``{"format": "bnb-nf4", "block_size": 64, "double_quant": True}``;
+* ``shape(arrays, meta)`` (optional): W0's ``(out, in)`` without dequantizing, from the
+  same tensors *mapped* (nothing decoded); a scheme without it is dequantized once to learn
+  the shape when the checkpoint is opened.
+
+:func:`select` reads ``config.json``'s ``quantization_config`` (or MLX's ``quantization``)
+and returns the schemes its method allows with their meta; :func:`find` picks, for one
+stem, the first of them whose ``parts`` holds it. A method that no registered scheme
+decodes is refused, naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Collection
+
+import numpy as np
+
+from ..errors import QuantizedBase
+
+__all__ = ["QuantScheme", "SCHEMES", "METHODS", "quantization_config", "select", "find", "read_parts"]
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """One storage scheme of quantized weights (see the module docstring for each field)."""
+
+    name: str
+    parts: Callable[[str, Collection[str]], dict[str, str] | None]
+    dequantize: Callable[..., np.ndarray]
+    describe: Callable[[dict], dict]
+    shape: Callable[[dict, dict], tuple[int, int]] | None = None
+
+
+# the schemes each quant_method (transformers' quantization_config) may store its weights
+# in, tried in this order for each weight; "mlx" stands for MLX's ``quantization`` key
+METHODS = {
+    "bitsandbytes": ("bnb-nf4", "bnb-fp4", "bnb-int8"),
+    "fp8": ("fp8-block",),  # transformers' FineGrainedFP8Config (DeepSeek-V3, Qwen3-FP8)
+    "fbgemm_fp8": ("fp8-channel",),  # FBGEMM's rowwise float8
+    "compressed-tensors": ("ct-pack", "fp8-block", "fp8-channel", "fp8-tensor"),
+    "gptq": ("gptq",),
+    "awq": ("awq",),
+    "mlx": ("mlx-affine",),
+}
+# bitsandbytes' flags (BitsAndBytesConfig.to_dict writes the underscored ones; older
+# configs the plain ones): with none set, the weights were saved unquantized.
+_BNB_FLAGS = ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")
+
+
+def quantization_config(config: dict) -> dict | None:
+    """The quantization settings of a model ``config.json``: its ``quantization_config``
+    (a bitsandbytes one with ``quant_method`` filled in when older configs lack it), or MLX's
+    ``quantization`` (``group_size``, ``bits``) as ``{"quant_method": "mlx", ...}``; None
+    when it declares none, or a bitsandbytes config that loads nothing in 4 or 8 bits. A
+    value that is not an object is returned as it is (:func:`select` refuses it)."""
+    quant = config.get("quantization_config")
+    mlx = config.get("quantization")
+    if isinstance(mlx, dict) and (not isinstance(quant, dict) or "quant_method" not in quant):
+        return {**mlx, "quant_method": "mlx"}
+    if not isinstance(quant, dict):
+        return quant
+    if quant.get("quant_method", "bitsandbytes") == "bitsandbytes" and any(flag in quant for flag in _BNB_FLAGS):
+        if not any(quant.get(flag) for flag in _BNB_FLAGS):
+            return None
+        return {**quant, "quant_method": "bitsandbytes"}
+    return quant
+
+
+def scheme_label(quant) -> str:
+    """How a message names the scheme of a ``quantization_config``."""
+    if not isinstance(quant, dict):
+        return "an unreadable scheme (quantization_config is not an object)"
+    method = quant.get("quant_method")
+    if method == "bitsandbytes":
+        return f"bitsandbytes ({'4' if quant.get('load_in_4bit') or quant.get('_load_in_4bit') else '8'}-bit)"
+    return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
+
+
+def select(config: dict) -> tuple[tuple[QuantScheme, ...], dict] | None:
+    """The schemes a model config's quantization allows, with their meta (the config's
+    quantization settings, :func:`quantization_config`); None for an unquantized model.
+    Raises QuantizedBase for a method no registered scheme decodes."""
+    quant = quantization_config(config)
+    if quant is None:
+        return None
+    registry = {scheme.name: scheme for scheme in SCHEMES}
+    names = METHODS.get(quant.get("quant_method")) if isinstance(quant, dict) else None
+    schemes = tuple(registry[name] for name in names or () if name in registry)
+    if not schemes:
+        raise QuantizedBase(f"quantized with {scheme_label(quant)}, a scheme ddiscan does not decode")
+    return schemes, quant
+
+
+def find(stem: str, keys: Collection[str], schemes) -> tuple[QuantScheme, dict[str, str]] | None:
+    """The first of ``schemes`` that stores the weight of ``stem``, and its parts by role."""
+    for scheme in schemes:
+        parts = scheme.parts(stem, keys)
+        if parts is not None:
+            return scheme, parts
+    return None
+
+
+def read_parts(index, parts: dict[str, str], *, mapped: bool = False) -> dict[str, np.ndarray]:
+    """The tensors of ``parts`` from ``index`` (a TensorIndex), by role: memory maps in their
+    stored dtype (uint8, int8, int32, uint32, float16, float32, ...), bfloat16 and float8
+    decoded to float32 (exact); with ``mapped``, bfloat16/float8 as their stored bits."""
+    read = index.mapped if mapped else index.array
+    return {role: read(key) for role, key in parts.items()}
+
+
+# the registry: every family module's SCHEMES (they import QuantScheme from here)
+SCHEMES: tuple[QuantScheme, ...] = ()
