@@ -39,6 +39,7 @@ from ._version import __version__
 from .errors import InputError, UsageError
 from .io.convert import widen
 from .io.index import TensorIndex
+from .io.quantindex import open_checkpoint
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, literal, safetensors_header, write_atomic_stream
@@ -153,7 +154,7 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
         raise OptionError("{max_t} must be at least 1", "max_t")
     if Path(output).suffix != SUFFIX:
         raise UsageError(f"{output}: a profile's name must end in {SUFFIX}")
-    index = TensorIndex(base)
+    index = open_checkpoint(base)
     keys = _selected(index, tuple(include), tuple(exclude))
     if not keys:
         raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")

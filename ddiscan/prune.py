@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
+from .io.quantindex import open_checkpoint
 from . import safelora
 from .io.convert import frobenius
 from .io.jsonfile import read_json
@@ -137,7 +138,7 @@ def _dora_magnitudes(adapter: Adapter, base, names: set[str]) -> dict[str, np.nd
     weight norm of W0 (:func:`_dora_norm`), checked against the stored magnitude's size."""
     if base is None:
         return {}
-    index = base if isinstance(base, TensorIndex) else TensorIndex(base)
+    index = open_checkpoint(base)
     modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
     magnitudes = {}
     for m in modules:
@@ -164,7 +165,7 @@ def _projections(adapter: Adapter, base, names: set[str], aligned, unaligned) ->
     """SafeLoRA's rewrite for the modules in ``names``: lora_B ← C·lora_B, so ΔW ← C·ΔW."""
     if base is None or aligned is None or unaligned is None:
         raise OptionError("{mode} project needs {base}, {aligned} and {unaligned}", "mode", "base", "aligned", "unaligned")
-    index = base if isinstance(base, TensorIndex) else TensorIndex(base)
+    index = open_checkpoint(base)
     pair = (TensorIndex(aligned), TensorIndex(unaligned))
     modules, _, _ = match_modules(adapter, index, allow_unmatched=True)
     replaced = {}

@@ -57,6 +57,7 @@ class ModuleScore:
     base_norm: float | None = None
     cosine: float | None = None
     ediem: float | None = None
+    quantization: dict | None = None  # how W0 was dequantized (ddiscan/io/quant.py), None if stored plain
 
 
 def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:

@@ -18,7 +18,10 @@ bitsandbytes at run time) that exposes a tuple ``SCHEMES`` of :class:`QuantSchem
   e.g. ``{"format": "bnb-nf4", "block_size": 64, "double_quant": True}``;
 * ``shape(arrays, meta)`` (optional): W0's ``(out, in)`` without dequantizing, from the
   same tensors *mapped* (nothing decoded); a scheme without it is dequantized once to learn
-  the shape when the checkpoint is opened.
+  the shape;
+* ``state(arrays)`` (optional): parameters one weight stores in its own tensors (from the
+  mapped tensors: bitsandbytes' quant_state blob), merged over ``meta`` before ``shape``,
+  ``dequantize`` and ``describe`` see it.
 
 :func:`select` reads ``config.json``'s ``quantization_config`` (or MLX's ``quantization``)
 and returns the schemes its method allows with their meta; :func:`find` picks, for one
@@ -47,6 +50,7 @@ class QuantScheme:
     dequantize: Callable[..., np.ndarray]
     describe: Callable[[dict], dict]
     shape: Callable[[dict, dict], tuple[int, int]] | None = None
+    state: Callable[[dict], dict] | None = None
 
 
 # the schemes each quant_method (transformers' quantization_config) may store its weights
@@ -55,7 +59,7 @@ METHODS = {
     "bitsandbytes": ("bnb-nf4", "bnb-fp4", "bnb-int8"),
     "fp8": ("fp8-block",),  # transformers' FineGrainedFP8Config (DeepSeek-V3, Qwen3-FP8)
     "fbgemm_fp8": ("fp8-channel",),  # FBGEMM's rowwise float8
-    "compressed-tensors": ("ct-pack", "fp8-block", "fp8-channel", "fp8-tensor"),
+    "compressed-tensors": ("ct-pack",),  # its float-quantized format: _compressed_tensors
     "gptq": ("gptq",),
     "awq": ("awq",),
     "mlx": ("mlx-affine",),
@@ -94,6 +98,16 @@ def scheme_label(quant) -> str:
     return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
 
 
+def _compressed_tensors(quant: dict) -> tuple[str, ...] | None:
+    """compressed-tensors' float-quantized format: float8 weights with scales, per block,
+    channel or tensor as its config groups' ``strategy`` says."""
+    if quant.get("format") != "float-quantized":
+        return METHODS["compressed-tensors"] if quant.get("format") == "pack-quantized" else None
+    groups = quant.get("config_groups") if isinstance(quant.get("config_groups"), dict) else {}
+    strategies = {(g.get("weights") or {}).get("strategy") for g in groups.values() if isinstance(g, dict)}
+    return ("fp8-block",) if "block" in strategies else ("fp8-channel", "fp8-tensor")
+
+
 def select(config: dict) -> tuple[tuple[QuantScheme, ...], dict] | None:
     """The schemes a model config's quantization allows, with their meta (the config's
     quantization settings, :func:`quantization_config`); None for an unquantized model.
@@ -102,10 +116,11 @@ def select(config: dict) -> tuple[tuple[QuantScheme, ...], dict] | None:
     if quant is None:
         return None
     registry = {scheme.name: scheme for scheme in SCHEMES}
-    names = METHODS.get(quant.get("quant_method")) if isinstance(quant, dict) else None
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    names = _compressed_tensors(quant) if method == "compressed-tensors" else METHODS.get(method)
     schemes = tuple(registry[name] for name in names or () if name in registry)
     if not schemes:
-        raise QuantizedBase(f"quantized with {scheme_label(quant)}, a scheme ddiscan does not decode")
+        raise QuantizedBase(f"quantized with {scheme_label(quant)}")
     return schemes, quant
 
 
@@ -126,5 +141,8 @@ def read_parts(index, parts: dict[str, str], *, mapped: bool = False) -> dict[st
     return {role: read(key) for role, key in parts.items()}
 
 
-# the registry: every family module's SCHEMES (they import QuantScheme from here)
-SCHEMES: tuple[QuantScheme, ...] = ()
+# the registry: every family module's SCHEMES (they import QuantScheme from here, so they
+# are imported once it is defined)
+from . import bnb, fp8  # noqa: E402
+
+SCHEMES: tuple[QuantScheme, ...] = (*bnb.SCHEMES, *fp8.SCHEMES)

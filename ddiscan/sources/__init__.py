@@ -9,13 +9,15 @@ from .alignment import AlignmentDifference, alignment_update
 from .base import WeightSource
 from .checkpoint import CheckpointSource
 from .profile import ProfileSource
+from .quantized import QuantizedSource
 
 __all__ = ["WeightSource", "KINDS", "open_source", "AlignmentDifference", "alignment_update",
-           "CheckpointSource", "ProfileSource"]
+           "CheckpointSource", "ProfileSource", "QuantizedSource"]
 
 # tried in order: the first whose accept() returns a source opens the base
 KINDS = (
     ProfileSource,
+    QuantizedSource,
     CheckpointSource,  # accepts any base: keep it last
 )
 

@@ -50,3 +50,6 @@ class ProfileSource:
 
     def describe(self) -> dict:
         return self.profile.describe()
+
+    def quantization(self, key: str) -> dict | None:
+        return None  # a profile holds subspaces, not the weights' storage
