@@ -251,3 +251,25 @@ def test_scb_of_the_wrong_length_is_refused(models, tmp_path):
     base = corrupt(models["int8"], tmp_path / "bad", lambda t: t.update({f"{Q}.SCB": t[f"{Q}.SCB"][:5]}))
     with pytest.raises(QuantizedBase, match=rf"{Q}\.SCB .*expected 64 \(one scale per row"):
         ddiscan.scan(base, models["adapter"])
+
+
+def test_an_unsloth_adapter_finds_its_pre_quantized_base_in_the_hf_cache(models, tmp_path, monkeypatch):
+    from test_locate import HF_VARS, add_snapshot
+
+    for var in HF_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    repo = "unsloth/tiny-llama-bnb-4bit"
+    files = {name: (models["nf4-dq"] / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    snapshot = add_snapshot(tmp_path / "hf" / "hub", "1" * 40, files, repo=repo)
+    unsloth = tmp_path / "unsloth-adapter"
+    unsloth.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (unsloth / name).write_bytes((models["adapter"] / name).read_bytes())
+    config = json.loads((unsloth / "adapter_config.json").read_text())
+    (unsloth / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": repo}))
+    found = ddiscan.find_base(unsloth)
+    assert found.path == snapshot and found.source == "hf-cache"
+    report = ddiscan.scan(found, unsloth)
+    assert [m.ddi for m in report.modules] == [m.ddi for m in ddiscan.scan(models["nf4-dq"], unsloth).modules]
+    assert report.modules[0].quantization["format"] == "bnb-nf4"
