@@ -231,7 +231,7 @@ BAD = {
     "no absmax": (lambda t: t.pop(f"{Q}.weight.absmax"), f"{Q}.weight.absmax", "missing"),
     "a quant_state that is not JSON": (
         lambda t: t.update({f"{Q}.weight.quant_state.bitsandbytes__nf4": torch.zeros(5, dtype=torch.uint8)}),
-        "quant_state", "not a JSON object"),
+        "quant_state", "not valid JSON"),
     "nested_absmax of the wrong length": (
         lambda t: t.update({f"{Q}.weight.nested_absmax": torch.ones(3)}), f"{Q}.weight.nested_absmax", "expected 1"),
 }

@@ -21,12 +21,12 @@ The layout is what transformers' ``save_pretrained`` writes for ``Params4bit`` /
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
 from ..errors import QuantizedBase, printable
+from .jsonfile import parse_json
 from .quant import QuantScheme
 
 __all__ = ["SCHEMES", "CODES"]
@@ -79,10 +79,9 @@ def _four_bit_state(quant_type: str):
     def state(arrays: dict) -> dict:
         key = "quant_state"
         blob = np.asarray(arrays[key])
-        try:
-            data = json.loads(blob.astype(np.uint8, copy=False).tobytes().decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            data = None
+        if blob.dtype != np.uint8:
+            _fail(key, f"{blob.dtype}, expected the uint8 bytes of a JSON object")
+        data = parse_json(blob.tobytes(), "a bitsandbytes quant_state", key, error=QuantizedBase)
         if not isinstance(data, dict):
             _fail(key, "the bitsandbytes quant_state is not a JSON object")
         if data.get("quant_type") != quant_type:

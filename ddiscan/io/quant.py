@@ -117,6 +117,7 @@ def select(config: dict) -> tuple[tuple[QuantScheme, ...], dict] | None:
         return None
     registry = {scheme.name: scheme for scheme in SCHEMES}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
+    method = method if isinstance(method, str) else None
     names = _compressed_tensors(quant) if method == "compressed-tensors" else METHODS.get(method)
     schemes = tuple(registry[name] for name in names or () if name in registry)
     if not schemes:
