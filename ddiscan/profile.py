@@ -39,7 +39,7 @@ from ._version import __version__
 from .errors import InputError, UsageError
 from .io.convert import widen
 from .io.index import TensorIndex
-from .io.quantindex import open_checkpoint
+from .io.quantindex import QuantizedIndex, open_checkpoint
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, literal, safetensors_header, write_atomic_stream
@@ -209,6 +209,9 @@ def _layout(index: TensorIndex, keys, max_t: int, sketched: _Sketched) -> tuple[
         rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
         t = min(max_t, rows, cols)
         weights[key] = {"shape": list(info.shape), "dtype": info.dtype}
+        quantization = index.quantization(key) if isinstance(index, QuantizedIndex) else None
+        if quantization is not None:  # how W0 was dequantized, for the rows of scans against the profile
+            weights[key]["quantization"] = quantization
         entries += [
             SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, sketched.part(key, "left", "<f4")),
             SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, sketched.part(key, "right", "<f4")),

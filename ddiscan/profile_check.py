@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from .errors import InputError
+from .io.quant import FORMATS
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
 
 __all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_digest", "checked_meta",
@@ -87,8 +88,19 @@ def _is_base_file(f) -> bool:
 
 def _is_weight_entry(entry) -> bool:
     shape = entry.get("shape") if isinstance(entry, dict) else None
+    quantization = entry.get("quantization") if isinstance(entry, dict) else None
     return (isinstance(shape, list) and len(shape) >= 2 and all(_is_int(n, 1) for n in shape)
-            and entry.get("dtype") in FLOAT_DTYPES)
+            and entry.get("dtype") in FLOAT_DTYPES
+            and (quantization is None or _is_quantization(quantization)))
+
+
+def _is_quantization(entry) -> bool:
+    """A module row's ``quantization`` as report.schema.json allows it."""
+    block = entry.get("block_size", 1) if isinstance(entry, dict) else None
+    return (isinstance(entry, dict) and entry.get("format") in FORMATS
+            and set(entry) <= {"format", "block_size", "double_quant"}
+            and (_is_int(block, 1) or (isinstance(block, list) and all(_is_int(n, 1) for n in block)))
+            and isinstance(entry.get("double_quant", False), bool))
 
 
 def check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:

@@ -185,6 +185,8 @@ def test_check_many_adapters_and_profile_of_a_quantized_base(models, tmp_path):
     from_profile = ddiscan.scan(tmp_path / "nf4.ddiprofile", models["adapter"])
     for got, want in zip(from_profile.modules, ddiscan.scan(base, models["adapter"], exact=True).modules):
         assert got.ddi == pytest.approx(want.ddi, rel=1e-6)
+        assert got.quantization == want.quantization == {"format": "bnb-nf4", "block_size": 64, "double_quant": True}
+    jsonschema.validate(from_profile.to_dict(), ddiscan.load_schema())
     from click.testing import CliRunner
     from ddiscan.cli import cli
     result = CliRunner().invoke(cli, ["check", str(models["adapter"]), "--base", str(base), "--max-ddi", "1e9"])

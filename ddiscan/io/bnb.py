@@ -153,10 +153,9 @@ def _dequantize_4bit(arrays: dict, *, meta: dict, dtype) -> np.ndarray:
     if not np.allclose(stored.astype(np.float32), table, rtol=0, atol=1e-6):
         _fail("quant_map", f"does not hold bitsandbytes' {meta['quant_type']} code")
     absmax = _absmax(arrays, meta, -(-n // size))
-    codes = np.empty(2 * packed.size, np.uint8)
-    np.right_shift(packed, 4, out=codes[0::2])
-    np.bitwise_and(packed, 15, out=codes[1::2])
-    values = np.take(table.astype(dtype), codes[:n])  # a 16-entry lookup table
+    # one lookup per byte: a 256 × 2 table of (high nibble's value, low nibble's value)
+    pairs = np.stack([table[np.arange(256) >> 4], table[np.arange(256) & 15]], axis=1).astype(dtype)
+    values = np.take(pairs, packed, axis=0).reshape(-1)[:n]
     return _blockwise(values, absmax.astype(dtype), size).reshape(out, inner)
 
 

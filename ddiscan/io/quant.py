@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import QuantizedBase
 
-__all__ = ["QuantScheme", "SCHEMES", "METHODS", "quantization_config", "select", "find", "read_parts"]
+__all__ = ["QuantScheme", "SCHEMES", "METHODS", "FORMATS", "quantization_config", "select", "find", "read_parts"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class QuantScheme:
     state: Callable[[dict], dict] | None = None
 
 
+# every scheme's name, the report's quantization.format (report.schema.json lists the same)
+FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8", "fp8-block", "fp8-tensor", "fp8-channel", "gptq", "awq", "ct-pack",
+           "mlx-affine")
 # the schemes each quant_method (transformers' quantization_config) may store its weights
 # in, tried in this order for each weight; "mlx" stands for MLX's ``quantization`` key
 METHODS = {

@@ -52,4 +52,5 @@ class ProfileSource:
         return self.profile.describe()
 
     def quantization(self, key: str) -> dict | None:
-        return None  # a profile holds subspaces, not the weights' storage
+        """How the profiled base's W0 was dequantized, as the profile recorded it."""
+        return self.profile.weights[key].get("quantization")
