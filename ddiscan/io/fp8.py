@@ -71,6 +71,13 @@ def _weight(arrays: dict) -> np.ndarray:
     return weight
 
 
+def _values(weight: np.ndarray, dtype) -> np.ndarray:
+    """The weight's values in ``dtype`` to scale in place: the decoded float8 array itself
+    when it is already ``dtype`` and its own (read_parts decodes float8 into a new array)."""
+    private = weight.dtype == dtype and weight.flags.writeable and weight.flags.owndata
+    return weight if private else weight.astype(dtype)
+
+
 def _scale(arrays: dict, shape: tuple, what: str) -> np.ndarray:
     scale = np.asarray(arrays["scale"])
     if scale.dtype.kind != "f" or scale.size != int(np.prod(shape)):
@@ -86,7 +93,7 @@ def _dequantize_block(arrays: dict, *, meta: dict, dtype) -> np.ndarray:
     # each row of blocks' scales spread over the columns (blocks_o × in: small), then whole
     # bands of bo rows by broadcasting (a view: leading rows are contiguous), then the edge band
     columns = np.repeat(scale, bi, axis=1)[:, :inner]
-    w = weight.astype(dtype)
+    w = _values(weight, dtype)
     full = out - out % bo
     bands = w[:full].reshape(full // bo, bo, inner)
     bands *= columns[:full // bo, None, :]
@@ -101,7 +108,7 @@ def _dequantize_scaled(arrays: dict, *, meta: dict, dtype) -> np.ndarray:
     size = np.asarray(arrays["scale"]).size
     shape = (1, 1) if size == 1 else (weight.shape[0], 1)
     scale = _scale(arrays, shape, f"one scale per row of a {weight.shape[0]}-row weight, or one in all")
-    w = weight.astype(dtype)
+    w = _values(weight, dtype)
     w *= scale.astype(dtype)
     return w
 

@@ -132,7 +132,7 @@ class QuantizedIndex(TensorIndex):
         return TensorInfo(name, "F32", self._shapes[name], main.start, main.end)
 
     def dequantize(self, name: str, arrays: dict, dtype=np.float32) -> np.ndarray:
-        """W0 of quantized ``name`` from its stored tensors (as :meth:`fetch` gives them)."""
+        """W0 of quantized ``name`` from its stored tensors (as :func:`~ddiscan.io.quant.read_parts` gives them)."""
         scheme = self.quantized[name][0]
         w0 = self._call(name, scheme.dequantize, arrays, meta=self.meta_of(name), dtype=np.dtype(dtype))
         expected = self._shapes.get(name)
@@ -142,19 +142,21 @@ class QuantizedIndex(TensorIndex):
         return w0
 
     def fetch(self, name: str):
-        """A quantized weight's stored tensors mapped and brought into the page cache."""
+        """A quantized weight's stored tensors mapped and brought into the page cache (the
+        read-ahead thread's part); :meth:`array` then decodes and dequantizes them."""
         if name not in self.quantized:
             return super().fetch(name)
         parts = self.quantized[name][1]
         for key in parts.values():
             self._stored_info(key)
             warm(self._file(self.stored[key]), key)
-        return self._read(parts, mapped=False)
+        return parts
 
-    def array(self, name: str) -> np.ndarray:
+    def array(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Tensor ``name``'s values; a quantized weight dequantized to ``dtype``."""
         if name not in self.quantized:
             return super().array(name)
-        return self.dequantize(name, self._read(self.quantized[name][1], mapped=False))
+        return self.dequantize(name, self._read(self.quantized[name][1], mapped=False), dtype)
 
     def mapped(self, name: str) -> np.ndarray:
         return self.array(name)

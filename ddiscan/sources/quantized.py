@@ -35,7 +35,7 @@ class QuantizedSource(CheckpointSource):
     def load(self, key: str, fetched):
         if key not in self.index.quantized:
             return super().load(key, fetched)
-        w0 = self.index.dequantize(key, fetched, np.float64 if self.sketch.exact else np.float32)
+        w0 = self.index.array(key, np.float64 if self.sketch.exact else np.float32)
         return w0, frobenius(w0)
 
     def quantization(self, key: str) -> dict | None:
