@@ -176,6 +176,13 @@ def test_any_block_size_and_a_partial_last_block(tmp_path, blocksize, quant_type
                                                  "double_quant": nested}
 
 
+@pytest.mark.parametrize("shape", [(5, 9), (6, 7), (3, 2)])  # an odd count of codes, of bytes, one byte
+def test_odd_sizes_decode_every_code(tmp_path, shape):
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    base = write_4bit(tmp_path / "base", weight, blocksize=64, quant_type="nf4", nested=False)
+    np.testing.assert_allclose(open_checkpoint(base).array(f"{Q}.weight"), bnb_weight(base, Q), rtol=1e-6)
+
+
 def test_check_many_adapters_and_profile_of_a_quantized_base(models, tmp_path):
     base = models["nf4-dq"]
     one, two = ddiscan.scan_many(base, [models["adapter"], models["adapter"]])

@@ -153,10 +153,34 @@ def _dequantize_4bit(arrays: dict, *, meta: dict, dtype) -> np.ndarray:
     if not np.allclose(stored.astype(np.float32), table, rtol=0, atol=1e-6):
         _fail("quant_map", f"does not hold bitsandbytes' {meta['quant_type']} code")
     absmax = _absmax(arrays, meta, -(-n // size))
-    # one lookup per byte: a 256 × 2 table of (high nibble's value, low nibble's value)
-    pairs = np.stack([table[np.arange(256) >> 4], table[np.arange(256) & 15]], axis=1).astype(dtype)
-    values = np.take(pairs, packed, axis=0).reshape(-1)[:n]
-    return _blockwise(values, absmax.astype(dtype), size).reshape(out, inner)
+    return _blockwise(_codes(packed, meta["quant_type"], np.dtype(dtype))[:n], absmax.astype(dtype),
+                      size).reshape(out, inner)
+
+
+_TABLES: dict = {}
+
+
+def _tables(quant_type: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables of a byte's two codes (256 × 2: high nibble first) and of two bytes'
+    four codes (65536 × 4, the bytes in this machine's order when read as one uint16)."""
+    if (quant_type, dtype) not in _TABLES:
+        code = CODES[quant_type].astype(dtype)
+        pairs = np.stack([code[np.arange(256) >> 4], code[np.arange(256) & 15]], axis=1)
+        two_bytes = np.arange(1 << 16, dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+        _TABLES[quant_type, dtype] = pairs, pairs[two_bytes].reshape(-1, 4)
+    return _TABLES[quant_type, dtype]
+
+
+def _codes(packed: np.ndarray, quant_type: str, dtype) -> np.ndarray:
+    """The values of all codes of ``packed`` in order: four a lookup (``mode="clip"``: every
+    index is in range, and numpy takes unbuffered), the odd last byte two."""
+    pairs, quads = _tables(quant_type, dtype)
+    packed = np.ascontiguousarray(packed)
+    even = packed.size - packed.size % 2
+    values = np.empty(2 * packed.size, dtype)
+    np.take(quads, packed[:even].view(np.uint16), axis=0, mode="clip", out=values[:2 * even].reshape(-1, 4))
+    np.take(pairs, packed[even:], axis=0, mode="clip", out=values[2 * even:].reshape(-1, 2))
+    return values
 
 
 def _describe_4bit(quant_type: str):
