@@ -282,3 +282,35 @@ def test_an_unsloth_adapter_finds_its_pre_quantized_base_in_the_hf_cache(models,
     report = ddiscan.scan(found, unsloth)
     assert [m.ddi for m in report.modules] == [m.ddi for m in ddiscan.scan(models["nf4-dq"], unsloth).modules]
     assert report.modules[0].quantization["format"] == "bnb-nf4"
+
+
+def test_dora_reset_and_project_rewrite_use_the_dequantized_w0(models, tmp_path):
+    from safetensors.numpy import load_file as load_numpy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(2)
+        dora = get_peft_model(transformers.LlamaForCausalLM.from_pretrained(models["plain"]),
+                              LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True,
+                                         init_lora_weights=False))
+        dora.save_pretrained(tmp_path / "dora")
+    ddiscan.prune(models["nf4-dq"], tmp_path / "dora", tmp_path / "reset", top=2, mode="zero")
+    pruned = load_numpy(str(tmp_path / "reset" / "adapter_model.safetensors"))
+    magnitude = f"base_model.model.{Q}.lora_magnitude_vector.weight"
+    if magnitude not in pruned:
+        magnitude = next(k for k in pruned if "lora_magnitude_vector" in k and Q in k)
+    # DoRA is a no-op when its magnitude is W0's row norms: W0 as bitsandbytes dequantizes it
+    expected = np.linalg.norm(bnb_weight(models["nf4-dq"], Q).astype(np.float64), axis=1)
+    np.testing.assert_allclose(pruned[magnitude], expected, rtol=1e-5)
+
+    unaligned = tmp_path / "unaligned"
+    tensors = load_file(str(models["plain"] / "model.safetensors"))
+    tensors = {k: v - 0.01 * torch.ones_like(v) if "q_proj" in k else v for k, v in tensors.items()}
+    unaligned.mkdir()
+    save_file(tensors, str(unaligned / "model.safetensors"))
+    options = dict(top=2, mode="project", method="safelora", aligned=models["plain"], unaligned=unaligned)
+    ddiscan.prune(models["nf4-dq"], models["adapter"], tmp_path / "projected", **options)
+    ddiscan.prune(plain_base(models, "nf4-dq", tmp_path / "ref"), models["adapter"], tmp_path / "reference", **options)
+    got = load_numpy(str(tmp_path / "projected" / "adapter_model.safetensors"))
+    want = load_numpy(str(tmp_path / "reference" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
