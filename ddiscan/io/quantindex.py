@@ -55,6 +55,23 @@ def _stems(keys):
     return stems
 
 
+class _Stored:
+    """A QuantizedIndex's stored tensors by their own keys (which its listing hides)."""
+
+    def __init__(self, index: "QuantizedIndex"):
+        self.index = index
+
+    def _file(self, key: str):
+        self.index._stored_info(key)
+        return self.index._file(self.index.stored[key])
+
+    def array(self, key: str) -> np.ndarray:
+        return self._file(key).array(key)
+
+    def mapped(self, key: str) -> np.ndarray:
+        return self._file(key).mapped(key)
+
+
 class QuantizedIndex(TensorIndex):
     """The checkpoint at ``path``, its weights stored in ``schemes`` with config ``meta``."""
 
@@ -88,10 +105,7 @@ class QuantizedIndex(TensorIndex):
         return file.tensors[key]
 
     def _read(self, parts: dict, *, mapped: bool) -> dict:
-        for key in parts.values():
-            self._stored_info(key)
-        files = {key: self._file(self.stored[key]) for key in parts.values()}
-        return {role: (files[key].mapped if mapped else files[key].array)(key) for role, key in parts.items()}
+        return quant.read_parts(_Stored(self), parts, mapped=mapped)
 
     def _call(self, name: str, call, *args, **kwargs):
         """``call`` of quantized ``name``'s scheme, a QuantizedBase naming a role (its
