@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from .errors import InputError
-from .io.index import TensorIndex
+from .io.quantindex import open_checkpoint
 
 __all__ = ["expand", "home", "hub_cache_dir", "snapshot_choice", "checkpoint_problem", "one_line", "shown"]
 
@@ -81,7 +81,7 @@ def checkpoint_problem(path: Path) -> str | None:
             listed = ", ".join(present[:4]) + (", ..." if len(present) > 4 else "")
             return f"no .safetensors weights ({'only ' + listed if present else 'empty'})"
     try:
-        TensorIndex(path)
+        open_checkpoint(path)
     except InputError as exc:
         return one_line(exc)
     except OSError as exc:

@@ -23,7 +23,7 @@ That name is looked for, in this order:
    ``DDISCAN_PROFILES`` (``os.pathsep``-separated), for ``ORG--NAME.ddiprofile``, then for
    ``NAME.ddiprofile``.
 
-Every candidate is accepted only if it opens as a checkpoint (``io.index.TensorIndex``), so
+Every candidate is accepted only if it opens as a checkpoint (``io.quantindex.open_checkpoint``), so
 a directory that exists but holds no weights is passed over, not returned. When nothing is
 found, :class:`~ddiscan.errors.InputError` names, on one line, the name looked for and
 every place looked in. Nothing here opens a socket; ``huggingface_hub`` (the client that
@@ -40,7 +40,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .hubcache import expand, hub_cache_dir, one_line, shown, snapshot_choice
-from .io.index import TensorIndex
+from .io.quantindex import open_checkpoint
 
 __all__ = ["Located", "find_base", "base_model_name", "hub_cache_dir", "PROFILE_SUFFIX", "PROFILES_ENV"]
 
@@ -140,7 +140,7 @@ def _untrusted_problem(path: Path) -> str | None:
     if path.is_dir() and not (any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))):
         return "no .safetensors weights"
     try:
-        TensorIndex(path)
+        open_checkpoint(path)
     except InputError as exc:
         return (type(exc).__doc__ or "unreadable").strip().splitlines()[0].rstrip(".").lower()
     except OSError:

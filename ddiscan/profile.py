@@ -210,6 +210,9 @@ def _layout(index: TensorIndex, keys, max_t: int, sketched: _Sketched) -> tuple[
         rows, cols = info.shape[0], int(np.prod(info.shape[1:]))
         t = min(max_t, rows, cols)
         weights[key] = {"shape": list(info.shape), "dtype": info.dtype}
+        quantization = index.quantization(key) if hasattr(index, "quantization") else None
+        if quantization is not None:  # how W0 was dequantized, for the rows of scans against the profile
+            weights[key]["quantization"] = quantization
         entries += [
             SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, sketched.part(key, "left", "<f4")),
             SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, sketched.part(key, "right", "<f4")),

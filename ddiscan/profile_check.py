@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from .errors import InputError
+from .io.quant import DESCRIPTION_FIELDS, FORMATS
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
 
 __all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_digest", "checked_meta",
@@ -87,8 +88,28 @@ def _is_base_file(f) -> bool:
 
 def _is_weight_entry(entry) -> bool:
     shape = entry.get("shape") if isinstance(entry, dict) else None
+    quantization = entry.get("quantization") if isinstance(entry, dict) else None
     return (isinstance(shape, list) and len(shape) >= 2 and all(_is_int(n, 1) for n in shape)
-            and entry.get("dtype") in FLOAT_DTYPES)
+            and entry.get("dtype") in FLOAT_DTYPES
+            and (quantization is None or _is_quantization(quantization)))
+
+
+def _is_quantization(entry) -> bool:
+    """A module row's ``quantization`` as report.schema.json allows it: a known format and
+    only the fields :data:`~ddiscan.io.quant.DESCRIPTION_FIELDS` names, each of its type
+    (strings short and printable)."""
+    if not isinstance(entry, dict) or entry.get("format") not in FORMATS:
+        return False
+    return all(name == "format" or (name in DESCRIPTION_FIELDS and _of_types(value, DESCRIPTION_FIELDS[name]))
+               for name, value in entry.items())
+
+
+def _of_types(value, types) -> bool:
+    checks = {"integer": lambda v: _is_int(v, 1), "null": lambda v: v is None,
+              "boolean": lambda v: isinstance(v, bool),
+              "string": lambda v: isinstance(v, str) and len(v) <= 64 and v.isprintable(),
+              "array": lambda v: isinstance(v, list) and len(v) <= 4 and all(_is_int(n, 1) for n in v)}
+    return any(checks[t](value) for t in types)
 
 
 def check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:

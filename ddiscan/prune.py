@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import InputError, ShapeMismatch, UsageError
 from .io.index import TensorIndex
+from .io.quantindex import open_checkpoint
 from . import safelora
 from .io.convert import frobenius
 from .io.jsonfile import read_json

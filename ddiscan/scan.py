@@ -11,6 +11,7 @@ the base's size, and base weights without a LoRA pair are never read.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -261,10 +262,12 @@ def _score_all(source: WeightSource, opened, plan, options: ScanOptions, xp) -> 
     for key, (factors, (matrix, norm)) in tqdm(loaded, total=len(keys), desc="scanning", unit="weight",
                                                file=sys.stderr, disable=not options.progress):
         weight = _Weight(source, key, matrix, norm, xp)
+        quantization = source.quantization(key)
         for (i, module), update in zip(plan[key], factors):
             size = _subspace_size(module, options.t, options.t_mult)
             up, down = _in_namespace(update, xp)
-            scores[i].append(scorer(module, up, down, weight, t=size, options=options, xp=xp))
+            score = scorer(module, up, down, weight, t=size, options=options, xp=xp)
+            scores[i].append(score if quantization is None else dataclasses.replace(score, quantization=quantization))
         del factors, matrix, weight
     return scores
 

@@ -58,6 +58,7 @@ class ModuleScore:
     cosine: float | None = None
     ediem: float | None = None
     core: str = "lora"  # what scored ΔW: "lora", "khatri-rao" (LoHa), "kronecker" (LoKr) or "dense"
+    quantization: dict | None = None  # how W0 was dequantized (ddiscan/io/quant.py), None if stored plain
 
 
 def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:

@@ -596,6 +596,101 @@ CASES = {
 }
 
 
+# quantized bases: the weight stored by the real quantizer, its config by transformers, one
+# companion then broken (imported only when the case is built: torch is slow to import)
+QPROJ = "model.layers.0.self_attn.q_proj"
+
+
+def _bnb_4bit_tensors() -> dict:
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    weight = torch.from_numpy(llama_base_tensors(1)[f"{QPROJ}.weight"])
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    stored = {f"{QPROJ}.weight": packed, **{f"{QPROJ}.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    return {k: v.numpy() for k, v in stored.items()}
+
+
+def _quant_state(**change) -> np.ndarray:
+    state = {"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [HIDDEN, HIDDEN], **change}
+    return np.frombuffer(json.dumps(state).encode(), np.uint8).copy()
+
+
+def _quantized_base(edit, quantization_config, tensors=_bnb_4bit_tensors):
+    """A case whose base is a checkpoint quantized as ``quantization_config()`` says, with
+    q_proj's stored tensors (``tensors()``) changed by ``edit``."""
+    def case(d: Path, name: str) -> Case:
+        import transformers
+
+        stored = tensors()
+        edit(stored)
+        base = {k: v for k, v in llama_base_tensors(1).items() if k != f"{QPROJ}.weight"}
+        path = save(d / "base" / "model.safetensors", {**base, **stored})
+        transformers.LlamaConfig(hidden_size=HIDDEN, num_attention_heads=2, num_key_value_heads=1,
+                                 quantization_config=quantization_config()).save_pretrained(path.parent)
+        return Case(name, path.parent, _good_adapter(d), BAD_INPUT)
+    return case
+
+
+def _nf4_config() -> dict:
+    import transformers
+
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict()
+
+
+def _fp8_tensors() -> dict:
+    import ml_dtypes
+
+    weight = llama_base_tensors(1)[f"{QPROJ}.weight"]
+    return {f"{QPROJ}.weight": weight.astype(ml_dtypes.float8_e4m3fn),
+            f"{QPROJ}.weight_scale_inv": np.ones((2, 2), np.float32)}
+
+
+def _fp8_config() -> dict:
+    import transformers
+
+    return transformers.FineGrainedFP8Config(weight_block_size=(8, 8)).to_dict()
+
+
+def _int8_tensors() -> dict:
+    weight = llama_base_tensors(1)[f"{QPROJ}.weight"]
+    scb = np.abs(weight).max(axis=1).astype(np.float32)
+    return {f"{QPROJ}.weight": np.round(weight / scb[:, None] * 127).astype(np.int8), f"{QPROJ}.SCB": scb}
+
+
+def _int8_config() -> dict:
+    import transformers
+
+    return transformers.BitsAndBytesConfig(load_in_8bit=True).to_dict()
+
+
+QUANTIZED_CASES = {
+    "bnb-4bit absmax of the wrong length": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight.absmax": t[f"{QPROJ}.weight.absmax"][:-1]}), _nf4_config),
+    "bnb-4bit quant_state naming another shape": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight.quant_state.bitsandbytes__nf4": _quant_state(shape=[HIDDEN, 2 * HIDDEN])}),
+        _nf4_config),
+    "bnb-4bit quant_state of an unknown quant_type": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight.quant_state.bitsandbytes__nf4": _quant_state(quant_type="af4")}),
+        _nf4_config),
+    "bnb-4bit quant_state not JSON": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight.quant_state.bitsandbytes__nf4": np.zeros(3, np.uint8)}), _nf4_config),
+    "bnb-4bit without absmax": _quantized_base(lambda t: t.pop(f"{QPROJ}.weight.absmax"), _nf4_config),
+    "bnb-4bit quant_map not nf4": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight.quant_map": np.linspace(-1, 1, 16).astype(np.float32)}), _nf4_config),
+    "bnb-8bit SCB of the wrong length": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.SCB": t[f"{QPROJ}.SCB"][:3]}), _int8_config, _int8_tensors),
+    "fp8 block scales not matching the blocks": _quantized_base(
+        lambda t: t.update({f"{QPROJ}.weight_scale_inv": np.ones((3, 2), np.float32)}), _fp8_config, _fp8_tensors),
+    "fp8 weight_block_size not a pair": _quantized_base(
+        lambda t: None, lambda: {**_fp8_config(), "weight_block_size": [8]}, _fp8_tensors),
+    "quantization_config of a scheme ddiscan does not decode": _quantized_base(
+        lambda t: None, lambda: {"quant_method": "eetq", "weights": "int8"}, _int8_tensors),
+}
+
+CASES.update(QUANTIZED_CASES)
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 

@@ -29,6 +29,18 @@ def test_every_code_decodes_as_ml_dtypes_reads_it(encoding, out):
     assert got.dtype == out and same_values(got, expected)
 
 
+@pytest.mark.parametrize("encoding", ["F8_E4M3", "F8_E5M2"])
+@pytest.mark.parametrize("out", [np.float32, np.float64])
+def test_float8_pairs_of_codes_decode_in_any_layout(encoding, out):
+    # two codes a lookup: every pair of codes, an odd count, an odd (unaligned) start, a strided view
+    pairs = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
+    for bits in (pairs, pairs[:-1], np.concatenate([np.zeros(1, np.uint8), pairs])[1:], pairs[::3],
+                 pairs.reshape(256, 512)[:, :5]):
+        got = dtypes.decode(bits, encoding, out=np.empty(bits.shape, out))
+        assert same_values(got, bits.view(FORMATS[encoding]).astype(out) if bits.flags.c_contiguous
+                           else np.ascontiguousarray(bits).view(FORMATS[encoding]).astype(out))
+
+
 def interesting_floats(encoding):
     """Every code's value, the midpoints between neighbours (the ties), just off them, and
     values past the largest finite one."""

@@ -463,3 +463,86 @@ def test_fuzz_dequantizer_companions(record_property):
     run()
     record_property("fuzz_dequantizer_examples", sum(outcomes.values()))
     assert outcomes["refused"] > 0 and outcomes["dequantized"] > 0
+
+
+# Quantized bases: a bitsandbytes NF4 checkpoint (double quantization, written by
+# bitsandbytes' quantizer and transformers' config) whose stored tensors and quant_state
+# are changed: a companion dropped, replaced by an array of another shape or dtype, its
+# bytes flipped, the quant_state's JSON given other values, the config's settings changed.
+QUANT_EXAMPLES = max(60, EXAMPLES // 10)
+QSTEM = "model.layers.0.self_attn.q_proj"
+ROLES = ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+         "weight.quant_state.bitsandbytes__nf4"]
+ARRAYS = st.builds(lambda shape, dtype: np.zeros(shape, dtype),
+                   st.lists(st.integers(0, 40), min_size=1, max_size=2).map(tuple),
+                   st.sampled_from([np.uint8, np.int8, np.float16, np.float32, np.int32]))
+
+
+def _nf4_tensors() -> dict:
+    import bitsandbytes.functional as bnb_functional
+    import torch
+
+    weight = torch.from_numpy(np.random.default_rng(0).standard_normal((8, 40)).astype(np.float32))
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    stored = {f"{QSTEM}.weight": packed, **{f"{QSTEM}.weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    return {k: v.numpy() for k, v in stored.items()}
+
+
+@st.composite
+def quantized_change(draw, tensors: dict, quant_config: dict) -> tuple[dict, dict]:
+    tensors, quant_config = dict(tensors), dict(quant_config)
+    key = f"{QSTEM}.{draw(st.sampled_from(ROLES))}"
+    kind = draw(st.sampled_from(["drop", "replace", "flip", "state", "config"]))
+    if kind == "drop":
+        tensors.pop(key)
+    elif kind == "replace":
+        tensors[key] = draw(ARRAYS)
+    elif kind == "flip":
+        raw = bytearray(tensors[key].tobytes())
+        raw[draw(st.integers(0, len(raw) - 1))] ^= draw(st.integers(1, 255))
+        tensors[key] = np.frombuffer(bytes(raw), tensors[key].dtype).reshape(tensors[key].shape)
+    elif kind == "state":
+        blob = f"{QSTEM}.weight.quant_state.bitsandbytes__nf4"
+        text = draw(json_text(json.loads(tensors[blob].tobytes())))
+        tensors[blob] = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+    else:
+        quant_config[draw(st.sampled_from(sorted(quant_config) + ["quant_method"]))] = draw(JSON_VALUES)
+    return tensors, quant_config
+
+
+def test_fuzz_quantized_bases(tmp_path, record_property):
+    import transformers
+
+    tensors = _nf4_tensors()
+    quant_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True).to_dict()
+    g = np.random.default_rng(1)
+    adapter = save(tmp_path / "adapter.safetensors", {
+        f"base_model.model.{QSTEM}.lora_A.weight": g.standard_normal((2, 40)).astype(np.float32),
+        f"base_model.model.{QSTEM}.lora_B.weight": g.standard_normal((8, 2)).astype(np.float32)})
+    base = tmp_path / "base"
+    base.mkdir()
+    outcomes: Counter = Counter()
+
+    @settings(max_examples=QUANT_EXAMPLES, **SETTINGS)
+    @given(quantized_change(tensors, quant_config))
+    def run(change):
+        stored, config = change
+        save(base / "model.safetensors", stored)
+        (base / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": config}))
+        try:
+            report = ddiscan.scan(base, adapter)
+        except ddiscan.DdiscanError as exc:
+            assert exc.exit_code == 3 and str(exc) and "\n" not in str(exc), (type(exc).__name__, str(exc))
+            outcomes[type(exc).__name__] += 1
+        else:
+            data = report.to_dict()
+            jsonschema.validate(data, SCHEMA)
+            json.dumps(data, allow_nan=False)
+            outcomes["report"] += 1
+
+    run()
+    total = sum(outcomes.values())
+    print(f"\nfuzz: {total} quantized bases through ddiscan.scan: {dict(outcomes)}")
+    record_property("fuzz_quantized_examples", total)
+    assert total >= QUANT_EXAMPLES and outcomes["QuantizedBase"] > 0 and outcomes["report"] > 0

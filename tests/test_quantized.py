@@ -1,4 +1,5 @@
-"""Quantized bases are refused, naming the scheme, never scored as if they held W0.
+"""Quantized bases that ddiscan does not decode are refused, naming the scheme, never scored
+as if they held W0 (the schemes it decodes: tests/test_bnb.py, tests/test_fp8.py).
 
 The ``config.json`` of each base is written by transformers itself (``LlamaConfig`` with the
 ``quantization_config`` of its own ``GPTQConfig``, ``AwqConfig``, ``BitsAndBytesConfig``,
@@ -71,17 +72,10 @@ SCHEMES = {
     "awq": (lambda: transformers.AwqConfig(bits=4, group_size=8).to_dict(), "awq", {
         "qweight": np.zeros((HIDDEN, HIDDEN // 8), I32), "qzeros": np.zeros((2, HIDDEN // 8), I32),
         "scales": np.ones((2, HIDDEN), np.float16)}),
-    "bnb-4bit": (lambda: transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4").to_dict(),
-                 "bitsandbytes (4-bit)", {
-        "weight": np.zeros((HIDDEN * HIDDEN // 2, 1), np.uint8), "weight.absmax": np.ones(4, np.float32),
-        "weight.quant_map": np.ones(16, np.float32),
-        "weight.quant_state.bitsandbytes__nf4": np.zeros(8, np.uint8)}),
-    "bnb-8bit": (lambda: transformers.BitsAndBytesConfig(load_in_8bit=True).to_dict(), "bitsandbytes (8-bit)", {
-        "weight": np.zeros((HIDDEN, HIDDEN), np.int8), "SCB": np.ones(HIDDEN, np.float32)}),
-    "fp8": (lambda: transformers.FineGrainedFP8Config(weight_block_size=(8, 8)).to_dict(), "fp8", {
-        "weight": fp8((HIDDEN, HIDDEN)), "weight_scale_inv": np.ones((2, 2), np.float32)}),
-    "fbgemm_fp8": (lambda: transformers.FbgemmFp8Config().to_dict(), "fbgemm_fp8", {
-        "weight": fp8((HIDDEN, HIDDEN)), "weight_scale": np.ones((HIDDEN, 1), np.float32)}),
+    "eetq": (lambda: transformers.EetqConfig().to_dict(), "eetq", {
+        "weight": np.zeros((HIDDEN, HIDDEN), np.int8), "weight_scales": np.ones(HIDDEN, np.float16)}),
+    "quanto": (lambda: transformers.QuantoConfig(weights="int8").to_dict(), "quanto", {
+        "weight._data": np.zeros((HIDDEN, HIDDEN), np.int8), "weight._scale": np.ones((HIDDEN, 1), np.float32)}),
     "compressed-tensors": (lambda: {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
@@ -106,7 +100,9 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ddiscan.cli", *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("scheme", list(SCHEMES))
+# GPTQ, AWQ and compressed-tensors pack-quantized are read (tests/test_intquant_scan.py); their
+# entries here are the packed tensors a base without config.json is refused for
+@pytest.mark.parametrize("scheme", ["eetq", "quanto"])
 def test_config_quantization_refused_naming_the_scheme(tmp_path, scheme):
     base_dir, adapter = quantized_pair(tmp_path, scheme)
     name = SCHEMES[scheme][1]
@@ -115,7 +111,7 @@ def test_config_quantization_refused_naming_the_scheme(tmp_path, scheme):
             ddiscan.scan(given, adapter)
         message = str(info.value)
         assert f"quantized with {name} (" in message and str(base_dir / "config.json") in message
-        assert "ddiscan reads unquantized bases only" in message and "\n" not in message
+        assert "a scheme ddiscan does not decode" in message and "\n" not in message
     result = run_cli("report", base_dir, adapter)
     assert result.returncode == 3 and result.stdout == ""
     (line,) = result.stderr.splitlines()
@@ -140,12 +136,23 @@ def test_packed_weights_without_config_say_quantized_not_unmatched(tmp_path, sch
     assert "match no base weight" not in str(info.value)
 
 
-@pytest.mark.parametrize("scheme, sibling", [("fp8", "weight_scale_inv"), ("fbgemm_fp8", "weight_scale"),
-                                             ("bnb-4bit", "weight.absmax"), ("bnb-8bit", "SCB")])
-def test_without_config_the_tensors_beside_the_weight_still_refuse(tmp_path, scheme, sibling):
-    base_dir, adapter = quantized_pair(tmp_path, scheme, config=False)
+# quantized tensors as each scheme stores them, with no config.json to say so
+BESIDE = {
+    "bnb-4bit": {"weight": np.zeros((HIDDEN * HIDDEN // 2, 1), np.uint8), "weight.absmax": np.ones(4, np.float32),
+                 "weight.quant_map": np.ones(16, np.float32),
+                 "weight.quant_state.bitsandbytes__nf4": np.zeros(8, np.uint8)},
+    "bnb-8bit": {"weight": np.zeros((HIDDEN, HIDDEN), np.int8), "SCB": np.ones(HIDDEN, np.float32)},
+    "fp8": {"weight": fp8((HIDDEN, HIDDEN)), "weight_scale_inv": np.ones((2, 2), np.float32)},
+    "fbgemm_fp8": {"weight": fp8((HIDDEN, HIDDEN)), "weight_scale": np.ones((HIDDEN, 1), np.float32)},
+}
+
+
+@pytest.mark.parametrize("scheme", list(BESIDE))
+def test_without_config_the_tensors_beside_the_weight_still_refuse(tmp_path, scheme):
+    save(tmp_path / "base" / "model.safetensors", replace_q(llama_base_tensors(1), BESIDE[scheme]))
+    adapter = write_peft_dir(tmp_path / "adapter", llama_peft_tensors(1, 4), peft_config(4, 8))
     with pytest.raises(QuantizedBase) as info:
-        ddiscan.scan(base_dir, adapter)
+        ddiscan.scan(tmp_path / "base", adapter)
     assert f"{Q}.weight" in str(info.value)
 
 

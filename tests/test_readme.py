@@ -108,3 +108,12 @@ def test_the_python_examples_run(monkeypatch, capsys):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), {})
     assert "model.layers.1.self_attn.v_proj" in capsys.readouterr().out
+
+
+def test_the_python_examples_print_what_the_readme_shows(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    shown = re.findall(r"^```python\n((?:(?!```).)*)```\n\nprints\n\n```text\n((?:(?!```).)*)```", README, flags=re.M | re.S)
+    assert shown  # "Quantized bases"
+    for code, output in shown:
+        exec(compile(code, "README.md", "exec"), {})
+        assert same_output(output, capsys.readouterr().out, rel=1e-3)

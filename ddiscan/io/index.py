@@ -29,13 +29,11 @@ import numpy as np
 
 from ..errors import InputError, QuantizedBase
 from .jsonfile import read_json
+from .quant import quantization_config, scheme_label
 from .reader import SafetensorsFile, TensorInfo, check_not_pickle
 
-__all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme"]
+__all__ = ["TensorIndex", "resolve_checkpoint", "quantization_scheme", "model_config", "warm"]
 
-# bitsandbytes' flags (BitsAndBytesConfig.to_dict writes the underscored ones; older
-# configs the plain ones): with none set, the weights were saved unquantized.
-_BNB_FLAGS = ("load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit")
 # the packed integer tensors quantization schemes store instead of ``<module>.weight``
 # (AutoGPTQ/AutoAWQ's QuantLinear: qweight, qzeros, scales; compressed-tensors'
 # pack-quantized compressor: weight_packed, weight_scale, weight_shape)
@@ -77,25 +75,22 @@ def quantization_scheme(config: dict) -> str | None:
     """The scheme a model ``config.json``'s ``quantization_config`` says its weights are
     stored in, or None when it declares none (or a bitsandbytes config that loads nothing
     in 4 or 8 bits)."""
-    quant = config.get("quantization_config")
-    if quant is None:
-        return None
-    if not isinstance(quant, dict):
-        return "an unreadable scheme (quantization_config is not an object)"
-    method = quant.get("quant_method")
-    if method == "bitsandbytes" or (method is None and any(flag in quant for flag in _BNB_FLAGS)):
-        if not any(quant.get(flag) for flag in _BNB_FLAGS):
-            return None
-        four = quant.get("load_in_4bit") or quant.get("_load_in_4bit")
-        return f"bitsandbytes ({'4' if four else '8'}-bit)"
-    return str(method) if method else "an unnamed scheme (quantization_config has no quant_method)"
+    quant = quantization_config(config)
+    return None if quant is None else scheme_label(quant)
+
+
+def model_config(path: Path) -> tuple[Path, object]:
+    """The ``config.json`` beside the checkpoint at ``path`` and its content (None if absent)."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    if not config.exists():
+        return config, None
+    return config, read_json(config, "the model config, for its quantization_config")
 
 
 def _check_unquantized(path: Path, keys) -> None:
     """QuantizedBase if the checkpoint at ``path`` holds quantized weights."""
-    config = (path if path.is_dir() else path.parent) / "config.json"
-    if config.exists():
-        data = read_json(config, "the model config, for its quantization_config")
+    config, data = model_config(path)
+    if data is not None:
         scheme = quantization_scheme(data) if isinstance(data, dict) else None
         if scheme is not None:
             raise QuantizedBase(
@@ -111,6 +106,19 @@ def _check_unquantized(path: Path, keys) -> None:
             )
 
 
+def warm(file: SafetensorsFile, name: str) -> np.ndarray:
+    """Tensor ``name`` of ``file`` mapped, with its bytes brought into the page cache: the
+    kernel is advised to read them (``posix_fadvise``) and one byte of each page is touched,
+    which waits on I/O rather than the CPU; meant for a background thread."""
+    array = file.mapped(name)
+    info = file.tensors[name]
+    if info.end > info.start:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(file.fileno(), info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
+        int(array.reshape(-1).view(np.uint8)[::4096].max())
+    return array
+
+
 class TensorIndex:
     """Map tensor names to the files that hold them, opening each file at most once.
 
@@ -118,9 +126,12 @@ class TensorIndex:
     ----------
     path : path-like
         A ``.safetensors`` file, an ``*.index.json``, or a directory holding either.
+    quantized : bool, default False
+        Open a quantized checkpoint as it is stored (for :class:`~ddiscan.io.quantindex.QuantizedIndex`,
+        which dequantizes it); otherwise one is refused.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, *, quantized: bool = False):
         self.path = Path(path)
         self._open: dict[Path, SafetensorsFile] = {}
         index, files = resolve_checkpoint(self.path)
@@ -137,7 +148,8 @@ class TensorIndex:
                             f"{self.path}: tensor {name!r} is in both {self.weight_map[name].name} and {file.name}"
                         )
                     self.weight_map[name] = file
-        _check_unquantized(self.path, self.weight_map)
+        if not quantized:
+            _check_unquantized(self.path, self.weight_map)
 
     @staticmethod
     def _read_index(index: Path) -> dict[str, Path]:
@@ -176,17 +188,9 @@ class TensorIndex:
         return file.tensors[name]
 
     def fetch(self, name: str) -> np.ndarray:
-        """Tensor ``name`` mapped, with its bytes brought into the page cache: the kernel
-        is advised to read them (``posix_fadvise``) and one byte of each page is touched,
-        which waits on I/O rather than the CPU; meant for a background thread."""
-        array = self.mapped(name)
-        info = self.info(name)
-        if info.end > info.start:
-            if hasattr(os, "posix_fadvise"):
-                fd = self.file_of(name).fileno()
-                os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
-            int(array.reshape(-1).view(np.uint8)[::4096].max())
-        return array
+        """Tensor ``name`` mapped, with its bytes brought into the page cache (:func:`warm`)."""
+        self.info(name)
+        return warm(self.file_of(name), name)
 
     def array(self, name: str) -> np.ndarray:
         """Tensor ``name``'s values (see :meth:`SafetensorsFile.array`)."""

@@ -29,7 +29,8 @@ columns a scale s and a zero point z: W = s · (q − z). They differ in how the
 ``meta`` is the scheme's part of ``config.json``'s ``quantization_config``, under the names
 the libraries write: GPTQ ``bits``, ``group_size``, ``desc_act``, ``checkpoint_format``;
 AWQ ``bits``, ``group_size``, ``version``; compressed-tensors the weights' quantization
-args ``num_bits``, ``group_size``, ``strategy``, ``symmetric``.
+args ``num_bits``, ``group_size``, ``strategy``, ``symmetric`` of the config group whose
+``targets`` name the module (:func:`ddiscan.io.quant.ct_settings`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantizedBase
-from .quant import QuantScheme
+from .quant import QuantScheme, ct_settings
 
 __all__ = ["unpack_bits", "SCHEMES", "GPTQ", "AWQ", "CT_PACK"]
 
@@ -257,7 +258,21 @@ def ct_describe(meta: dict) -> dict:
             "group_size": meta.get("group_size"), "symmetric": bool(meta.get("symmetric", True))}
 
 
-GPTQ = QuantScheme("gptq", gptq_parts, gptq_dequantize, gptq_describe)
-AWQ = QuantScheme("awq", awq_parts, awq_dequantize, awq_describe)
-CT_PACK = QuantScheme("ct-pack", ct_parts, ct_dequantize, ct_describe)
+def gptq_shape(arrays: dict, meta: dict) -> tuple[int, int]:
+    qweight = arrays["qweight"]
+    return qweight.shape[1], qweight.shape[0] * (32 // _meta_int(meta, "bits", (2, 4, 8)))
+
+
+def awq_shape(arrays: dict, meta: dict) -> tuple[int, int]:
+    qweight = arrays["qweight"]
+    return qweight.shape[1] * 8, qweight.shape[0]
+
+
+def ct_shape(arrays: dict, meta: dict) -> tuple[int, int]:
+    return _ct_shape(arrays, _meta_int(meta, "num_bits", range(1, 9)))
+
+
+GPTQ = QuantScheme("gptq", gptq_parts, gptq_dequantize, gptq_describe, shape=gptq_shape)
+AWQ = QuantScheme("awq", awq_parts, awq_dequantize, awq_describe, shape=awq_shape)
+CT_PACK = QuantScheme("ct-pack", ct_parts, ct_dequantize, ct_describe, shape=ct_shape, settings=ct_settings)
 SCHEMES = (GPTQ, AWQ, CT_PACK)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import QuantizedBase
+from ..errors import QuantizedBase, printable
 from .intquant import _expect_integer_words, _expect_shape, _meta_int, _work_dtype, unpack_bits
 from .quant import QuantScheme
 
@@ -72,5 +72,21 @@ def mlx_describe(meta: dict) -> dict:
     return {"format": "mlx-affine", "bits": meta.get("bits"), "group_size": meta.get("group_size")}
 
 
-MLX_AFFINE = QuantScheme("mlx-affine", mlx_parts, mlx_dequantize, mlx_describe)
+def mlx_shape(arrays: dict, meta: dict) -> tuple[int, int]:
+    out, words = arrays["weight"].shape
+    return out, words * 32 // _meta_int(meta, "bits", BITS)
+
+
+def mlx_settings(config: dict, stem: str) -> dict:
+    """One module's parameters (:func:`layer_meta`); a module the config says is stored
+    unquantized but that has scales beside it is refused."""
+    meta = layer_meta(config, stem)
+    if meta is None:
+        raise QuantizedBase(f"{printable(stem)}.scales: config.json's quantization says the module is not quantized, "
+                            "but its weight has scales beside it")
+    return meta
+
+
+MLX_AFFINE = QuantScheme("mlx-affine", mlx_parts, mlx_dequantize, mlx_describe, shape=mlx_shape,
+                         settings=mlx_settings)
 SCHEMES = (MLX_AFFINE,)

@@ -10,14 +10,16 @@ from .base import WeightSource
 from .checkpoint import CheckpointSource
 from .gguf import GGUFSource
 from .profile import ProfileSource
+from .quantized import QuantizedSource
 
 __all__ = ["WeightSource", "KINDS", "open_source", "AlignmentDifference", "alignment_update",
-           "CheckpointSource", "ProfileSource", "GGUFSource"]
+           "CheckpointSource", "ProfileSource", "GGUFSource", "QuantizedSource"]
 
 # tried in order: the first whose accept() returns a source opens the base
 KINDS = (
     ProfileSource,
     GGUFSource,
+    QuantizedSource,
     CheckpointSource,  # accepts any base: keep it last
 )
 

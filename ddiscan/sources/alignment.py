@@ -56,6 +56,9 @@ class AlignmentDifference:
     def describe(self) -> dict:
         return self.base.describe()
 
+    def quantization(self, key: str) -> dict | None:
+        return None  # the update is a difference of two checkpoints, not a base weight
+
 
 def alignment_pair(pair, key: str, shape) -> tuple[np.ndarray, np.ndarray]:
     """W_aligned and W_unaligned for one base key, mapped and fetched, checked against the

@@ -39,3 +39,6 @@ class WeightSource(Protocol):
 
     def describe(self) -> dict:
         """The base's entry in the report's ``inputs``."""
+
+    def quantization(self, key: str) -> dict | None:
+        """How ``key``'s W0 was dequantized (a module row's ``quantization``), None if stored plain."""

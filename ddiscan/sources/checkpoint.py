@@ -53,3 +53,6 @@ class CheckpointSource:
 
     def describe(self) -> dict:
         return self.index.describe()
+
+    def quantization(self, key: str) -> dict | None:
+        return None

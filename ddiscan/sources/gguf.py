@@ -20,6 +20,7 @@ from ..errors import InputError, QuantizedBase, printable
 from ..io import ggufnames
 from ..io.convert import widen
 from ..io.index import TensorIndex
+from ..io.quantindex import open_checkpoint
 from ..io.reader import TensorInfo, note_input, open_regular
 from ..sketch import Sketch
 from .checkpoint import CheckpointSource
@@ -160,7 +161,8 @@ def is_gguf(base) -> bool:
 
 def open_weights(base, sketch: Sketch | None = None):
     """What prune and profile read a base's weights through: a GGUF base's source, else a
-    :class:`TensorIndex` (``base`` itself if it is one)."""
+    checkpoint as :func:`~ddiscan.io.quantindex.open_checkpoint` opens it (dequantized where its
+    config declares a scheme ddiscan decodes)."""
     if is_gguf(base):
         return GGUFSource(base, sketch or Sketch())
-    return base if isinstance(base, TensorIndex) else TensorIndex(base)
+    return open_checkpoint(base)

@@ -50,3 +50,7 @@ class ProfileSource:
 
     def describe(self) -> dict:
         return self.profile.describe()
+
+    def quantization(self, key: str) -> dict | None:
+        """How the profiled base's W0 was dequantized, as the profile recorded it."""
+        return self.profile.weights[key].get("quantization")
