@@ -110,15 +110,16 @@ class Database:
 
     def _adapter(self, row: dict) -> None:
         """Upsert one adapter: an ok row already there is kept (its path the first of the
-        paths holding that content); anything else is replaced, with its modules; rows
-        for older contents of the same path (same base and parameters) go."""
+        paths holding that content); anything else is replaced, with its modules. Rows for
+        other contents of the same path (same parameters, same base or none) go first."""
         conn = self.conn
+        conn.execute("DELETE FROM adapters WHERE key != ? AND path = ? AND parameters = ? AND (base IS ? OR base "
+                     "IS NULL)", (row["key"], row["path"], row["parameters"], row["base"]))
         found = conn.execute("SELECT id, status FROM adapters WHERE key = ?", (row["key"],)).fetchone()
         if found and found[1] == "ok":
             conn.execute("UPDATE adapters SET path = min(path, ?) WHERE id = ?", (row["path"], found[0]))
             return
-        conn.execute("DELETE FROM adapters WHERE key = ? OR (path = ? AND base IS ? AND parameters = ?)",
-                     (row["key"], row["path"], row["base"], row["parameters"]))
+        conn.execute("DELETE FROM adapters WHERE key = ?", (row["key"],))
         cursor = conn.execute(f"INSERT INTO adapters ({', '.join(ADAPTER_COLUMNS)}) VALUES "
                               f"({', '.join('?' * len(ADAPTER_COLUMNS))})", [row[c] for c in ADAPTER_COLUMNS])
         conn.executemany(f"INSERT INTO modules (adapter_id, {', '.join(MODULE_COLUMNS)}) VALUES "

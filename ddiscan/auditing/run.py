@@ -30,6 +30,7 @@ __all__ = ["audit", "AuditResult", "DEFAULT_DB", "LOCAL_ONLY"]
 
 DEFAULT_DB = "audit.sqlite"
 LOCAL_ONLY = ("progress",)  # ScanOptions fields that are not scan parameters
+CONNECT_TIMEOUT = 30  # seconds to reach a --scheduler
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _cluster(client, workers, scheduler):
     distributed = _distributed()
     if scheduler is not None:
         try:
-            connected = distributed.Client(scheduler, timeout=30)
+            connected = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - OSError, TimeoutError, a malformed address
             shown = printable(f"{scheduler}: cannot connect ({exc})").replace("{", "{{").replace("}", "}}")
             raise InputError("{scheduler} " + shown, "scheduler") from None
