@@ -210,3 +210,24 @@ def test_a_scheduler_that_is_not_there_is_one_line(collection, tmp_path, monkeyp
                               "--scheduler", "tcp://127.0.0.1:9"])
     assert out.exit_code == 3 and out.stderr.startswith("Error: --scheduler tcp://127.0.0.1:9: cannot connect")
     assert out.stderr.count("\n") == 1
+
+
+def test_the_whole_hostile_corpus_goes_through_the_audit(client, tmp_path, monkeypatch):
+    """Every case of tests/make_bad_inputs.py audited: no crash; a case that ``report``
+    accepts is an ok row, one it refuses an error row with a one-line message, or a
+    note when it is not an adapter at all."""
+    from make_bad_inputs import build_corpus
+    from test_hostile import unreadable
+
+    db = tmp_path / "corpus.sqlite"
+    for case in build_corpus(tmp_path / "corpus"):
+        with unreadable(case.unreadable, monkeypatch):
+            result = ddiscan.audit([case.adapter], base=case.base, db=db, client=client)
+        found = rows(db, "SELECT status, error FROM adapters WHERE path = ?", str(case.adapter))
+        if case.code == 0:
+            assert [status for status, _ in found] == ["ok"], (case.name, found)
+        elif found:
+            assert [status for status, _ in found] == ["error"], (case.name, found)
+            assert "\n" not in found[0][1] and "Traceback" not in found[0][1], case.name
+        else:
+            assert any(str(case.adapter) in note for note in result.notes), (case.name, result.notes)
