@@ -10,6 +10,7 @@ import shutil
 import sqlite3
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.numpy
@@ -231,3 +232,28 @@ def test_the_whole_hostile_corpus_goes_through_the_audit(client, tmp_path, monke
             assert "\n" not in found[0][1] and "Traceback" not in found[0][1], case.name
         else:
             assert any(str(case.adapter) in note for note in result.notes), (case.name, result.notes)
+
+
+class _Failed:
+    """A finished future whose result raises ``error``."""
+
+    def __init__(self, error):
+        self.error = error
+
+    def result(self):
+        raise self.error
+
+    def release(self):
+        pass
+
+
+def test_a_task_that_killed_its_workers_is_an_error_row_but_a_lost_cluster_records_nothing(collection):
+    from ddiscan.auditing.run import _row
+
+    adapter = str(collection["ok"][0])
+    row = _row(_Failed(distributed.KilledWorker("score-1", SimpleNamespace(address="tcp://w:1"), 3)), adapter, "fp", {}, "{}")
+    assert row["status"] == "error" and row["error"].startswith("not scanned: every worker that ran it died")
+    assert row["sha256"] and row["base"] == "fp"
+    with pytest.raises(ddiscan.InputError, match="the Dask cluster failed mid-audit .* run the audit again"):
+        _row(_Failed(distributed.client.FutureCancelledError("score-1", "scheduler-connection-lost")), adapter, "fp",
+             {}, "{}")

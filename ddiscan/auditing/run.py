@@ -133,10 +133,15 @@ def _run(dask, database: Database, todo: list[tuple], scan: dict, parameters: st
 
 def _row(future, path: str, fingerprint: str | None, scan: dict, parameters: str) -> dict:
     """The finished task's row with its identity, base, parameters and time."""
+    from distributed import KilledWorker
+
     try:
         row = future.result()
-    except Exception as exc:  # noqa: BLE001 - the task's workers all died (KilledWorker) or the task was lost
-        row = score_adapter(path, None, None, scan, printable(f"not scanned: {type(exc).__name__}: {exc}"))
+    except KilledWorker as exc:  # every worker that ran it died: the adapter's own doing (memory, a crash)
+        row = score_adapter(path, None, None, scan, printable(f"not scanned: every worker that ran it died ({exc})"))
+    except Exception as exc:  # noqa: BLE001 - the cluster, not the adapter: nothing is recorded, a rerun resumes
+        raise InputError(printable(f"the Dask cluster failed mid-audit ({type(exc).__name__}: {exc}); the rows "
+                                   "committed are kept: run the audit again to resume")) from None
     future.release()
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return {**row, "key": identity(row["digests"], path, fingerprint, parameters), "base": fingerprint,
