@@ -257,3 +257,16 @@ def test_a_task_that_killed_its_workers_is_an_error_row_but_a_lost_cluster_recor
     with pytest.raises(ddiscan.InputError, match="the Dask cluster failed mid-audit .* run the audit again"):
         _row(_Failed(distributed.client.FutureCancelledError("score-1", "scheduler-connection-lost")), adapter, "fp",
              {}, "{}")
+
+
+def test_scan_options_apply_and_are_recorded(collection, client, tmp_path):
+    db = tmp_path / "a.sqlite"
+    ddiscan.audit([collection["ok"][1]], db=db, client=client, t=2, seed=3, max_t=8)
+    [(parameters, profile)] = rows(db, "SELECT a.parameters, b.profile FROM adapters a JOIN bases b "
+                                       "ON b.fingerprint = a.base")
+    recorded = json.loads(parameters)
+    assert (recorded["t"], recorded["seed"], recorded["max_t"], recorded["method"]) == (2, 3, 8, "ddi")
+    assert ddiscan.Profile(profile).parameters["seed"] == 3
+    assert rows(db, "SELECT DISTINCT t FROM modules") == [(2,)]
+    report = ddiscan.scan(profile, collection["ok"][1], t=2, seed=3)
+    assert sorted(r[0] for r in rows(db, "SELECT ddi FROM modules")) == sorted(m.ddi for m in report.modules)
