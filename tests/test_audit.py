@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 import ddiscan
 from ddiscan.cli import cli
-from ddiscan.report import Report
 
 from audit_helpers import build_collection, content
 
@@ -251,7 +250,8 @@ def test_a_task_that_killed_its_workers_is_an_error_row_but_a_lost_cluster_recor
     from ddiscan.auditing.run import _row
 
     adapter = str(collection["ok"][0])
-    row = _row(_Failed(distributed.KilledWorker("score-1", SimpleNamespace(address="tcp://w:1"), 3)), adapter, "fp", {}, "{}")
+    killed = distributed.KilledWorker("score-1", SimpleNamespace(address="tcp://w:1"), 3)
+    row = _row(_Failed(killed), adapter, "fp", {}, "{}")
     assert row["status"] == "error" and row["error"].startswith("not scanned: every worker that ran it died")
     assert row["sha256"] and row["base"] == "fp"
     with pytest.raises(ddiscan.InputError, match="the Dask cluster failed mid-audit .* run the audit again"):
