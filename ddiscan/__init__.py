@@ -4,13 +4,14 @@
 >>> report = ddiscan.scan("base.safetensors", "adapter_dir/")      # doctest: +SKIP
 >>> report.modules[0].name, report.modules[0].ddi                  # doctest: +SKIP
 
-What a Python user needs is here: the scans, the check, the pruning, the selection, the
+What a Python user needs is here: the scans, the audit, the check, the pruning, the selection, the
 offline base lookup, profiles, the report types, the options and every error class. The
 stages behind them (reading adapters, matching their keys to base weights, the kernels)
 stay importable from their modules (``ddiscan.lora``, ``ddiscan.spectral``, ...).
 """
 
 from ._version import __version__
+from .auditing.run import AuditResult, audit
 from .check import CheckResult, Failure, check
 from .errors import (DdiscanError, HeaderError, InputError, MatchError, NoLoraPairs, NotSafetensors, OutputError,
                      PickleRefused, QuantizedBase, ShapeMismatch, UnsupportedDtype, UsageError)
@@ -27,6 +28,7 @@ __all__ = [
     "__version__",
     "scan",
     "scan_many",
+    "audit",
     "check",
     "prune",
     "select",
@@ -43,6 +45,7 @@ __all__ = [
     "Failure",
     "Located",
     "Profile",
+    "AuditResult",
     "DdiscanError",
     "UsageError",
     "OptionError",

@@ -47,7 +47,8 @@ from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors
                             verified_digest)
 from .sketch import Sketch, dominant_basis
 
-__all__ = ["Profile", "build_profile", "is_profile", "SUFFIX", "DEFAULT_EXCLUDE"]
+__all__ = ["Profile", "build_profile", "is_profile", "profile_keys", "sketch_weight", "write_profile", "SUFFIX",
+           "DEFAULT_EXCLUDE"]
 
 SUFFIX = ".ddiprofile"
 DEFAULT_EXCLUDE = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*norm*", "*ln_*")
@@ -157,52 +158,75 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
 
     sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
     index = open_weights(base, sketch)
+    keys = profile_keys(index, include, exclude)
+    bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
+    with bar:
+        return write_profile(index, output, keys, max_t, sketch, _Sketched(index, max_t, sketch, bar), force=force)
+
+
+def profile_keys(index: TensorIndex, include=(), exclude=DEFAULT_EXCLUDE) -> list[str]:
+    """The base weights a profile of ``index`` holds (see :func:`build_profile`)."""
     keys = _selected(index, tuple(include), tuple(exclude))
     if not keys:
-        raise InputError(f"{base}: no weight matches the profile's include/exclude patterns")
-    bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
-    sketched = _Sketched(index, max_t, sketch, np.float64 if exact else np.float32, bar)
+        raise InputError(f"{index.path}: no weight matches the profile's include/exclude patterns")
+    return keys
+
+
+def write_profile(index: TensorIndex, output, keys, max_t: int, sketch: Sketch, sketched, *,
+                  force: bool = False) -> dict:
+    """Write the profile of ``keys`` to ``output``, each weight's arrays from
+    ``sketched(key)`` (what :func:`sketch_weight` returns), asked in ``keys``' order when
+    the writer reaches the weight; return a summary."""
     weights, entries = _layout(index, keys, max_t, sketched)
     meta = {
-        "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t, "oversample": oversample,
-        "power_iters": power_iters, "seed": seed, "exact": exact, "weights": weights,
+        "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t,
+        "oversample": sketch.oversample, "power_iters": sketch.power_iters, "seed": sketch.seed,
+        "exact": sketch.exact, "weights": weights,
         "base_files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in index.files],
     }
-    with bar:
-        _write_profile(output, entries, {META_KEY: json.dumps(meta, sort_keys=True), "format": "ddiscan-profile"},
-                       force=force)
+    _write_profile(output, entries, {META_KEY: json.dumps(meta, sort_keys=True), "format": "ddiscan-profile"},
+                   force=force)
     size = Path(output).stat().st_size
     base_size = sum(p.stat().st_size for p in index.files)
     return {"weights": len(keys), "size": size, "base_size": base_size}
+
+
+def sketch_weight(index: TensorIndex, key: str, max_t: int, sketch: Sketch) -> dict:
+    """What a profile stores for ``key``: the left and right bases (up to ``max_t``
+    columns) and the norm, as arrays."""
+    dtype = np.float64 if sketch.exact else np.float32
+    w0, norm = widen(index.mapped(key), dtype, encoding=index.info(key).dtype)
+    w0 = w0.reshape(w0.shape[0], -1)
+    t = min(max_t, *w0.shape)
+    if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
+        left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
+    else:
+        left, right = dominant_basis(w0, t=t, sketch=sketch, xp=np, right=True)
+    return {"left": left, "right": right, "norm": np.array([norm])}
 
 
 class _Sketched:
     """Each weight's bases and norm, computed once, when the writer reaches its first
     entry; the previous weight's arrays are dropped then (they are written)."""
 
-    def __init__(self, index: TensorIndex, max_t: int, sketch: Sketch, dtype, bar):
-        self.index, self.max_t, self.sketch, self.dtype, self.bar = index, max_t, sketch, dtype, bar
+    def __init__(self, index: TensorIndex, max_t: int, sketch: Sketch, bar):
+        self.index, self.max_t, self.sketch, self.bar = index, max_t, sketch, bar
         self.computed: dict[str, dict] = {}
 
     def __call__(self, key: str) -> dict:
         if key not in self.computed:
             self.computed.clear()
-            w0, norm = widen(self.index.mapped(key), self.dtype, encoding=self.index.info(key).dtype)
-            w0 = w0.reshape(w0.shape[0], -1)
-            t = min(self.max_t, *w0.shape)
-            if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
-                left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
-            else:
-                left, right = dominant_basis(w0, t=t, sketch=self.sketch, xp=np, right=True)
-            self.computed[key] = {"left": left, "right": right, "norm": np.array([norm])}
+            self.computed[key] = sketch_weight(self.index, key, self.max_t, self.sketch)
             self.bar.update()
         return self.computed[key]
 
-    def part(self, key: str, name: str, dtype: str):
-        return lambda: iter([np.ascontiguousarray(self(key)[name], dtype=dtype).tobytes()])
 
 
-def _layout(index: TensorIndex, keys, max_t: int, sketched: _Sketched) -> tuple[dict, list[SafetensorsEntry]]:
+def _part(sketched, key: str, name: str, dtype: str):
+    return lambda: iter([np.ascontiguousarray(sketched(key)[name], dtype=dtype).tobytes()])
+
+
+def _layout(index: TensorIndex, keys, max_t: int, sketched) -> tuple[dict, list[SafetensorsEntry]]:
     """The profile's weight listing and its tensors (left and right bases, norm) per key."""
     weights, entries = {}, []
     for key in keys:
@@ -214,9 +238,9 @@ def _layout(index: TensorIndex, keys, max_t: int, sketched: _Sketched) -> tuple[
         if quantization is not None:  # how W0 was dequantized, for the rows of scans against the profile
             weights[key]["quantization"] = quantization
         entries += [
-            SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, sketched.part(key, "left", "<f4")),
-            SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, sketched.part(key, "right", "<f4")),
-            SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, sketched.part(key, "norm", "<f8")),
+            SafetensorsEntry(f"{key}:left", "F32", (rows, t), rows * t * 4, _part(sketched, key, "left", "<f4")),
+            SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, _part(sketched, key, "right", "<f4")),
+            SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, _part(sketched, key, "norm", "<f8")),
         ]
     return weights, entries
 

@@ -61,10 +61,11 @@ def add_adapter(connection, path: str, report=None, *, error: str | None = None,
     ``kinds`` replace the modules' names and kinds (hostile ones)."""
     modules = report.modules if report is not None else []
     finite = [m.ddi for m in modules if m.finite]
+    digest = hashlib.sha256(f"{path}{error}{len(modules)}".encode()).hexdigest()
     cursor = connection.execute(
-        "INSERT INTO adapters (path, sha256, size, base, status, error, n_modules, max_ddi, parameters, scanned_at,"
-        " ddiscan_version) VALUES (?, ?, 1, 'f00d', ?, ?, ?, ?, '{}', '2026-12-02T00:00:00Z', ?)",
-        (path, hashlib.sha256(f"{path}{error}{len(modules)}".encode()).hexdigest(), "error" if error else "ok",
+        "INSERT INTO adapters (key, path, sha256, size, base, status, error, n_modules, max_ddi, parameters,"
+        " scanned_at, ddiscan_version) VALUES (?, ?, ?, 1, 'f00d', ?, ?, ?, ?, '{}', '2026-12-02T00:00:00Z', ?)",
+        (digest, path, digest, "error" if error else "ok",
          error, None if error else len(modules), max(finite) if finite else None, ddiscan.__version__))
     for i, m in enumerate(modules):
         scores = [getattr(m, field) for field in SCORE_COLUMNS.values()]

@@ -59,7 +59,8 @@ def test_start_up_imports_only_what_every_command_needs():
     import sys
 
     code = ("import sys, ddiscan.cli; heavy = [m for m in ('ml_dtypes', 'scipy', 'matplotlib', 'huggingface_hub', "
-            "'threadpoolctl', 'torch', 'cupy', 'array_api_compat', 'safetensors') if m in sys.modules]; print(heavy)")
+            "'threadpoolctl', 'torch', 'cupy', 'array_api_compat', 'safetensors', 'dask', 'distributed') "
+            "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

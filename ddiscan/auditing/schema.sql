@@ -18,8 +18,10 @@ CREATE TABLE IF NOT EXISTS bases (
 -- one row per (adapter content, base, parameters): a rescan of the same triple is a no-op
 CREATE TABLE IF NOT EXISTS adapters (
     id              INTEGER PRIMARY KEY,
+    key             TEXT NOT NULL UNIQUE, -- sha256 of (sha256 and the config's sha256, or the path when
+                                          -- unreadable; base; parameters): the row's identity
     path            TEXT NOT NULL,
-    sha256          TEXT NOT NULL,      -- of the adapter's weights file(s)
+    sha256          TEXT NOT NULL,      -- of the adapter's weights file ('' when it cannot be read)
     size            INTEGER NOT NULL,   -- bytes
     base            TEXT,               -- bases.fingerprint, NULL when no base was found
     status          TEXT NOT NULL CHECK (status IN ('ok', 'error')),
@@ -28,8 +30,7 @@ CREATE TABLE IF NOT EXISTS adapters (
     max_ddi         REAL,
     parameters      TEXT NOT NULL,      -- canonical JSON of the scan parameters
     scanned_at      TEXT NOT NULL,      -- ISO 8601, UTC
-    ddiscan_version TEXT NOT NULL,
-    UNIQUE (sha256, base, parameters)
+    ddiscan_version TEXT NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS modules (
@@ -50,7 +51,18 @@ CREATE TABLE IF NOT EXISTS modules (
     ddi_norm   REAL,
     delta_norm REAL,
     base_norm  REAL,
+    cosine     REAL,                    -- SafeLoRA's score (method safelora)
+    ediem      REAL,                    -- SPLoRA's score (method splora)
     PRIMARY KEY (adapter_id, module)
+);
+
+-- the sha256 of every file read (adapters' weights and configs, bases), by path, size and
+-- mtime: a rerun knows an unchanged file's digest without reading it
+CREATE TABLE IF NOT EXISTS files (
+    path     TEXT PRIMARY KEY,
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256   TEXT NOT NULL
 );
 
 CREATE INDEX IF NOT EXISTS adapters_by_risk ON adapters (status, max_ddi DESC);

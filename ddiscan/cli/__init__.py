@@ -20,6 +20,7 @@ from .._version import __version__
 from ..errors import DdiscanError, printable
 from ..io.reader import collecting_inputs
 
+from .audit import audit
 from .check import check
 from .profile import profile
 from .prune import prune
@@ -83,7 +84,7 @@ def cli():
     """
 
 
-for _command in (report, check, profile, prune):
+for _command in (report, check, profile, prune, audit):
     cli.add_command(_command)
 
 def _shown(option: click.Option) -> str:
