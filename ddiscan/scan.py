@@ -24,7 +24,8 @@ from ._version import __version__
 from .errors import UsageError
 from .io.reader import sha256
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
-from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
+from .options import (DEFAULT_KRYLOV_ITERS, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_SKETCH, OptionError,
+                      ScanOptions)
 from .report import SCHEMA_VERSION, Report, summarize
 from .score import METHOD_TABLE
 from .sketch import Sketch
@@ -140,6 +141,8 @@ def scan_many(
     t: int | None = None,
     t_mult: float | None = None,
     oversample: int = DEFAULT_OVERSAMPLE,
+    sketch: str = DEFAULT_SKETCH,
+    krylov_iters: int = DEFAULT_KRYLOV_ITERS,
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = 0,
     exact: bool = False,
@@ -167,8 +170,8 @@ def scan_many(
     base : path-like, TensorIndex or Profile
         As for :func:`scan`.
     adapters : sequence of path-like or Adapter
-    t, t_mult, oversample, power_iters, seed, exact, magnitude, alpha, scaling, allow_unmatched,
-    device, threads, read_ahead, progress, method, aligned, unaligned, components, samples
+    t, t_mult, oversample, sketch, krylov_iters, power_iters, seed, exact, magnitude, alpha, scaling,
+    allow_unmatched, device, threads, read_ahead, progress, method, aligned, unaligned, components, samples
         The fields of :class:`~ddiscan.options.ScanOptions`, which documents each.
     options : ScanOptions, optional
         All of the above as one value; when given, the keyword arguments are ignored.
@@ -178,7 +181,8 @@ def scan_many(
     list of Report, one per adapter, in order
     """
     if options is None:
-        options = ScanOptions(t=t, t_mult=t_mult, oversample=oversample, power_iters=power_iters, seed=seed,
+        options = ScanOptions(t=t, t_mult=t_mult, oversample=oversample, sketch=sketch, krylov_iters=krylov_iters,
+                              power_iters=power_iters, seed=seed,
                               exact=exact, magnitude=magnitude, alpha=alpha, scaling=scaling,
                               allow_unmatched=allow_unmatched, device=device, threads=threads,
                               read_ahead=read_ahead, progress=progress, method=method, aligned=aligned,
@@ -192,7 +196,7 @@ def scan_with(base, adapters, options: ScanOptions) -> list[Report]:
         raise UsageError("give at least one adapter")
     xp = _array_namespace(options.device)
     sketch = Sketch(oversample=options.oversample, power_iters=options.power_iters, seed=options.seed,
-                    exact=options.exact)
+                    exact=options.exact, kernel=options.sketch, krylov_iters=options.krylov_iters)
     source = open_source(base, sketch=sketch, aligned=options.aligned, unaligned=options.unaligned)
     parameters, notes = source.settle(_parameters(options))
     opened = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
@@ -215,8 +219,8 @@ def scan_with(base, adapters, options: ScanOptions) -> list[Report]:
 def _parameters(options: ScanOptions) -> dict:
     """The report's ``parameters``: the options as the scan ran them."""
     return {
-        "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample,
-        "power_iters": options.power_iters, "seed": options.seed, "exact": options.exact,
+        "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample, "sketch": options.sketch,
+        "krylov_iters": options.krylov_iters, "power_iters": options.power_iters, "seed": options.seed, "exact": options.exact,
         "magnitude": options.magnitude, "alpha": options.alpha, "scaling": options.scaling,
         "allow_unmatched": options.allow_unmatched, "device": options.device,
         "threads": effective_threads(options.threads), "eps": spectral.EPS, "method": options.method,

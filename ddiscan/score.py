@@ -57,6 +57,8 @@ class ModuleScore:
     base_norm: float | None = None
     cosine: float | None = None
     ediem: float | None = None
+    gap: float | None = None
+    deviation_error: float | None = None
 
 
 def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
@@ -69,7 +71,8 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
     spectrum = spectral.update_spectrum(up, down, module.scale, xp=xp)
     delta_norm = _finite_norm(module, spectrum)
     sharp = spectral.sharpness(spectrum)
-    dev = spectral.deviation(weight.basis(module, t), up, spectrum, module.scale, xp=xp)
+    subspace = weight.basis(module, t)
+    dev = spectral.deviation(subspace.basis, up, spectrum, module.scale, xp=xp)
     mag = spectral.magnitude(delta_norm, base_norm)
     mag_norm = spectral.magnitude_norm(delta_norm, base_norm)
     ddi_raw = sharp * dev * mag
@@ -79,6 +82,7 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
     return ModuleScore(
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
+        gap=subspace.gap, deviation_error=subspace.error,
     )
 
 
