@@ -130,9 +130,9 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
 
     Q spans K = [Y, (W0W0ᵀ) Y, …, (W0W0ᵀ)^iters Y], Y = W0 Ω, built one block at a time:
     each new block W0 (W0ᵀ Q_i) is orthogonalised against all earlier blocks by block
-    Gram–Schmidt twice (BCGS2 [5]_), the first pass followed by shifted Cholesky QR [6]_ and
-    the second by Cholesky QR, which keeps Q orthonormal in float32 (benchmarks/KRYLOV.md
-    measures it against plain Cholesky QR in both passes). W0ᵀ Q_i, which the next block needs anyway, is the i-th block of
+    Gram–Schmidt twice (BCGS2 [5]_), each pass followed by Cholesky QR, which keeps Q
+    orthonormal in float32 (benchmarks/KRYLOV.md measures it against a shifted Cholesky QR
+    [6]_ in the first pass, and keeps the more accurate). W0ᵀ Q_i, which the next block needs anyway, is the i-th block of
     (Qᵀ W0)ᵀ, so Rayleigh–Ritz on all of K costs no further pass over W0. The space stops
     growing when it has min(d, k) columns (the last block cut to fit) or no new direction.
 
@@ -180,13 +180,14 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
     return rayleigh_ritz(w0, xp.concat(blocks, axis=1), xp.concat(rows, axis=1), t=t, xp=xp, right=right)
 
 
-def _next_block(basis, block, *, xp):
+def _next_block(basis, block, *, xp, shifted: bool = False):
     """``block`` orthogonalised against the orthonormal ``basis`` and orthonormalised: block
-    Gram–Schmidt twice, the first pass followed by shifted Cholesky QR (which cannot fail
-    on an ill-conditioned block, [6]_), the second by Cholesky QR; None when the block has
-    no new direction (its Gram matrix is zero or the second Cholesky QR fails)."""
+    Gram–Schmidt twice, each pass followed by Cholesky QR; None when the block has no new
+    direction (a Gram matrix not positive definite). ``shifted`` makes the first Cholesky QR
+    a shifted one [6]_, which cannot fail on an ill-conditioned block: benchmarks/KRYLOV.md
+    measured it less accurate in float32, so the kernel does not use it."""
     basis_t = xp.linalg.matrix_transpose(basis)
-    for shifted in (True, False):
+    for shifted in (shifted, False):
         block = block - basis @ (basis_t @ block)
         gram = xp.astype(xp.linalg.matrix_transpose(block) @ block, xp.float64)
         if shifted:
