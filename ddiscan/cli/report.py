@@ -102,8 +102,8 @@ def scan_reports(base, adapters, profiles, quiet, *, profile_sha256=None, **opti
         click.echo(printable(f"{adapter}: base {found.detail}"), err=True)
     reports, _ = scan_grouped(groups, profile_sha256=profile_sha256, **options)
     for result in reports if not quiet else ():
+        prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
         for warning in result.warnings:
-            prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
             say("warning", f"{prefix}{warning}")
         unsure = undetermined(result.modules) if result.method == "ddi" else []
         if unsure:
