@@ -171,7 +171,8 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
     for _ in range(iters):
         if width >= limit:
             break
-        block = _next_block(xp.concat(blocks, axis=1), (w0 @ rows[-1])[:, :limit - width], xp=xp)
+        grown = w0 @ rows[-1]
+        block = _next_block(xp.concat(blocks, axis=1), grown[:, :min(limit - width, grown.shape[1])], xp=xp)
         if block is None:
             break
         blocks.append(block)

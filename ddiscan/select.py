@@ -110,16 +110,18 @@ def undetermined_at_cut(selection: Selection, modules) -> list[ModuleScore]:
     side within their error bars (empty for the other methods)."""
     if selection.method != "ddi":
         return []
-    chosen = {m.name for m in selection.modules}
     finite = [m for m in Report.ranked(modules) if m.finite]
-    inside = [ddi_bounds(m) for m in finite if m.name in chosen]
-    outside = [ddi_bounds(m) for m in finite if m.name not in chosen]
     if selection.rule == "top":
-        floor = min((low for low, _ in inside), default=float("inf"))
-        ceiling = max((high for _, high in outside), default=float("-inf"))
-        return [m for m, (low, high) in zip(finite, map(ddi_bounds, finite))
-                if (m.name in chosen and low < ceiling) or (m.name not in chosen and high > floor)]
+        return _across_top(finite, {m.name for m in selection.modules})
     cut = selection.value
     if selection.rule == "theta_norm":  # DDI_norm = DDI / (1 + DDI) >= v  ⇔  DDI >= v / (1 − v)
         cut = selection.value / (1 - selection.value) if selection.value < 1 else math.inf
     return [m for m in finite if ddi_bounds(m)[0] < cut <= ddi_bounds(m)[1]]
+
+
+def _across_top(finite, chosen: set) -> list[ModuleScore]:
+    """Selected modules whose DDI could fall below an unselected one's, and the reverse."""
+    bounds = {m.name: ddi_bounds(m) for m in finite}
+    floor = min((bounds[n][0] for n in chosen), default=math.inf)
+    ceiling = max((bounds[m.name][1] for m in finite if m.name not in chosen), default=-math.inf)
+    return [m for m in finite if (bounds[m.name][0] < ceiling if m.name in chosen else bounds[m.name][1] > floor)]

@@ -128,3 +128,21 @@ def test_the_error_bar_is_exceeded_at_most_at_the_documented_rate():
             exceeded += error > subspace.error
             total += 1
     assert exceeded / total <= 0.02
+
+
+def test_a_profile_records_the_kernel_that_built_it(tmp_path):
+    from pathlib import Path
+
+    import ddiscan
+    from ddiscan.options import OptionError
+    from ddiscan.profile import Profile
+
+    base = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-llama"
+    for kernel in ("krylov", "subspace"):
+        path = tmp_path / f"{kernel}.ddiprofile"
+        ddiscan.build_profile(base, path, max_t=4, sketch=kernel, krylov_iters=3)
+        parameters = Profile(path).parameters
+        assert parameters["sketch"] == kernel and parameters["krylov_iters"] == 3
+    with pytest.raises(OptionError):
+        ddiscan.build_profile(base, tmp_path / "bad.ddiprofile", max_t=4, sketch="lanczos")
+    assert not (tmp_path / "bad.ddiprofile").exists()
