@@ -214,8 +214,8 @@ def render(rows, ortho, adapters, seeds, steps) -> str:
                      f"| {time_s:.3f} | {time_s / base_time:.2f} |")
     lines += [
         "",
-        f"Re-orthogonalisation of the Krylov blocks (4 iterations, r = {RANKS[-1]}, float32): worst ‖QᵀQ − I‖₂ "
-        f"over the weights {ortho['plain'][0]:.1e} with Cholesky QR after both Gram–Schmidt passes (the "
+        f"Re-orthogonalisation of the Krylov blocks (4 iterations, r = {RANKS[-1]}, float32): "
+        f"worst ‖QᵀQ − I‖₂ over the weights {ortho['plain'][0]:.1e} with Cholesky QR after both Gram–Schmidt passes (the "
         f"kernel's), {ortho['shifted'][0]:.1e} with shifted Cholesky QR after the first; on a spectrum halving "
         f"at every index, max |Q_tQ_tᵀ − U_tU_tᵀ| {ortho['plain'][1]:.1e} against {ortho['shifted'][1]:.1e}.",
     ]

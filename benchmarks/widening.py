@@ -100,7 +100,8 @@ def main():
         a = whole(bits, shape, omega)
         b = panels(bits, shape, omega, args.panel)
         assert np.allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.abs(a).max()))
-        results = {"whole": measure(whole, bits, shape, omega), "panels": measure(panels, bits, shape, omega, args.panel)}
+        results = {"whole": measure(whole, bits, shape, omega),
+                   "panels": measure(panels, bits, shape, omega, args.panel)}
     size = args.rows * args.cols * 4
     lines = [
         "# Widening bfloat16 W0: whole-tensor copy against blocked panel products",

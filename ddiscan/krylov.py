@@ -115,7 +115,8 @@ def subspace_iteration(w0, omega, *, t: int, power_iters: int, xp, right: bool =
 
     Notes
     -----
-    3 + 2 · ``power_iters`` products with W0 or W0ᵀ, each O(d k b) (the last, of width t, gives the residual).
+    3 + 2 · ``power_iters`` products with W0 or W0ᵀ, each O(d k b) (the last, of width t,
+    gives the residual).
     """
     w0, sample = _sample(w0, omega, xp=xp)
     w0_t = xp.linalg.matrix_transpose(w0)
@@ -132,9 +133,10 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
     each new block W0 (W0ᵀ Q_i) is orthogonalised against all earlier blocks by block
     Gram–Schmidt twice (BCGS2 [5]_), each pass followed by Cholesky QR, which keeps Q
     orthonormal in float32 (benchmarks/KRYLOV.md measures it against a shifted Cholesky QR
-    [6]_ in the first pass, and keeps the more accurate). W0ᵀ Q_i, which the next block needs anyway, is the i-th block of
-    (Qᵀ W0)ᵀ, so Rayleigh–Ritz on all of K costs no further pass over W0. The space stops
-    growing when it has min(d, k) columns (the last block cut to fit) or no new direction.
+    [6]_ in the first pass, and keeps the more accurate). W0ᵀ Q_i, which the next block
+    needs anyway, is the i-th block of (Qᵀ W0)ᵀ, so Rayleigh–Ritz on all of K costs no
+    further pass over W0. The space stops growing when it has min(d, k) columns (the last
+    block cut to fit) or no new direction.
 
     Parameters
     ----------

@@ -220,7 +220,8 @@ def _parameters(options: ScanOptions) -> dict:
     """The report's ``parameters``: the options as the scan ran them."""
     return {
         "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample, "sketch": options.sketch,
-        "krylov_iters": options.krylov_iters, "power_iters": options.power_iters, "seed": options.seed, "exact": options.exact,
+        "krylov_iters": options.krylov_iters, "power_iters": options.power_iters, "seed": options.seed,
+        "exact": options.exact,
         "magnitude": options.magnitude, "alpha": options.alpha, "scaling": options.scaling,
         "allow_unmatched": options.allow_unmatched, "device": options.device,
         "threads": effective_threads(options.threads), "eps": spectral.EPS, "method": options.method,

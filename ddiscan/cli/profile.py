@@ -39,7 +39,8 @@ def profile(base, output, max_t, include, exclude, oversample, sketch, krylov_it
     refuse_input_as_output(output, [base])
     summary = build_profile(
         base, output, max_t=max_t, include=include, exclude=exclude or DEFAULT_EXCLUDE, oversample=oversample,
-        sketch=sketch, krylov_iters=krylov_iters, power_iters=power_iters, seed=seed, exact=exact, force=force, progress=not quiet and sys.stderr.isatty(),
+        sketch=sketch, krylov_iters=krylov_iters, power_iters=power_iters, seed=seed, exact=exact, force=force,
+        progress=not quiet and sys.stderr.isatty(),
     )
     share = 100.0 * summary["size"] / summary["base_size"] if summary["base_size"] else 0.0
     if not quiet:
