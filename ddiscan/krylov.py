@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spectral import _cholesky_upper, orthonormalize
+from .spectral import _cholesky_upper, one_thread, orthonormalize
 
 __all__ = ["Ritz", "subspace_iteration", "block_krylov", "rayleigh_ritz", "error_bar"]
 
@@ -198,7 +198,9 @@ def _next_block(basis, block, *, xp, shifted: bool = False):
         upper = _cholesky_upper(gram, xp=xp)
         if upper is None:
             return None
-        block = block @ xp.astype(xp.linalg.inv(upper), block.dtype)
+        with one_thread():
+            inverse = xp.linalg.inv(upper)
+        block = block @ xp.astype(inverse, block.dtype)
     return block
 
 
@@ -220,7 +222,9 @@ def rayleigh_ritz(w0, basis, rows, *, t: int, xp, right: bool = False) -> Ritz:
     With ``right``, also span(W0ᵀ Q_t) (k × t), the top-t right singular directions.
     """
     wide = xp.astype(rows, xp.float64)
-    values, vectors = xp.linalg.eigh(xp.linalg.matrix_transpose(wide) @ wide)
+    gram = xp.linalg.matrix_transpose(wide) @ wide
+    with one_thread():
+        values, vectors = xp.linalg.eigh(gram)
     order = xp.argsort(-values)
     rotation = xp.take(vectors, order[:t], axis=1)
     ritz = np.sqrt(np.clip(np.asarray(_to_numpy(xp.take(values, order))), 0.0, None))
@@ -238,7 +242,8 @@ def _spectral_norm(gram, *, xp) -> float:
     """‖R‖₂ from the Gram matrix RᵀR (inf when it is not finite)."""
     if not bool(xp.all(xp.isfinite(gram))):
         return math.inf
-    return math.sqrt(max(0.0, float(xp.max(xp.linalg.eigvalsh(gram)))))
+    with one_thread():
+        return math.sqrt(max(0.0, float(xp.max(xp.linalg.eigvalsh(gram)))))
 
 
 def _to_numpy(array):

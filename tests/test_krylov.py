@@ -146,3 +146,12 @@ def test_a_profile_records_the_kernel_that_built_it(tmp_path):
     with pytest.raises(OptionError):
         ddiscan.build_profile(base, tmp_path / "bad.ddiprofile", max_t=4, sketch="lanczos")
     assert not (tmp_path / "bad.ddiprofile").exists()
+
+
+def test_small_dense_problems_run_on_one_blas_thread():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(2, user_api="blas"):
+        with spectral.one_thread():
+            assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
+        assert all(lib["num_threads"] >= 1 for lib in threadpool_info() if lib["user_api"] == "blas")
