@@ -14,15 +14,19 @@ from dataclasses import dataclass, fields
 from .errors import UsageError
 
 __all__ = ["ScanOptions", "OptionError", "DEFAULT_OVERSAMPLE", "DEFAULT_POWER_ITERS", "DEFAULT_SAMPLES",
-           "METHODS", "MAGNITUDES"]
+           "DEFAULT_SKETCH", "DEFAULT_KRYLOV_ITERS", "METHODS", "MAGNITUDES", "SKETCHES"]
 
 # Chosen from benchmarks/power_iters.py on the real all-MiniLM-L6-v2 weights: see README
 # ("How the defaults were chosen") and benchmarks/POWER_ITERS.md.
 DEFAULT_POWER_ITERS = 4
+# Chosen from benchmarks/krylov.py on real weights: see benchmarks/KRYLOV.md
+DEFAULT_SKETCH = "krylov"
+DEFAULT_KRYLOV_ITERS = 4
 DEFAULT_OVERSAMPLE = 8
 DEFAULT_SAMPLES = 32
 METHODS = ("ddi", "safelora", "splora")
 MAGNITUDES = ("bounded", "raw")
+SKETCHES = ("krylov", "subspace")
 
 
 class OptionError(UsageError):
@@ -42,8 +46,12 @@ class ScanOptions:
         Use t = ceil(t_mult · r) instead (2 is the paper's robust variant).
     oversample : int, default 8
         Extra columns q of the random test matrix.
+    sketch : {"krylov", "subspace"}, default "krylov"
+        The range finder: block Krylov iteration or subspace (power) iteration.
+    krylov_iters : int, default 4
+        Iterations of the block Krylov range finder (its block is t + oversample wide).
     power_iters : int, default 4
-        Power iterations of the range finder.
+        Power iterations of the subspace range finder.
     seed : int, default 0
         Seed of the random test matrices; the same seed gives the same report.
     exact : bool, default False
@@ -76,6 +84,8 @@ class ScanOptions:
     t: int | None = None
     t_mult: float | None = None
     oversample: int = DEFAULT_OVERSAMPLE
+    sketch: str = DEFAULT_SKETCH
+    krylov_iters: int = DEFAULT_KRYLOV_ITERS
     power_iters: int = DEFAULT_POWER_ITERS
     seed: int = 0
     exact: bool = False
@@ -120,6 +130,10 @@ def _sketch_problems(o: ScanOptions):
         yield OptionError("{t_mult} must be positive", "t_mult")
     if o.oversample < 0 or o.power_iters < 0:
         yield OptionError("{oversample} and {power_iters} must be non-negative", "oversample", "power_iters")
+    if o.krylov_iters < 0:
+        yield OptionError("{krylov_iters} must be non-negative", "krylov_iters")
+    if o.sketch not in SKETCHES:
+        yield OptionError(f"{{sketch}} must be 'krylov' or 'subspace', not {o.sketch!r}", "sketch")
     if o.magnitude not in MAGNITUDES:
         yield OptionError(f"{{magnitude}} must be 'bounded' or 'raw', not {o.magnitude!r}", "magnitude")
 

@@ -42,7 +42,8 @@ from .io.index import TensorIndex
 from .io.jsonfile import parse_json
 from .io.reader import FLOAT_DTYPES, SafetensorsFile, TensorInfo, sha256
 from .io.writer import SafetensorsEntry, literal, safetensors_header, write_atomic_stream
-from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError
+from .options import (DEFAULT_KRYLOV_ITERS, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_SKETCH, OptionError,
+                      ScanOptions)
 from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors, checked_meta, layout,
                             verified_digest)
 from .sketch import Sketch, dominant_basis
@@ -102,7 +103,10 @@ class Profile:
 
     @property
     def parameters(self) -> dict:
-        return {k: self.meta[k] for k in ("oversample", "power_iters", "seed", "exact")}
+        # profiles written before the block Krylov kernel were all built by subspace iteration
+        return {"sketch": "subspace", "krylov_iters": 0,
+                **{k: self.meta[k] for k in ("oversample", "sketch", "krylov_iters", "power_iters", "seed", "exact")
+                   if k in self.meta}}
 
     def describe(self) -> dict:
         return {
@@ -132,7 +136,8 @@ def _selected(index: TensorIndex, include, exclude) -> list[str]:
 
 
 def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_EXCLUDE,
-                  oversample: int = DEFAULT_OVERSAMPLE, power_iters: int = DEFAULT_POWER_ITERS, seed: int = 0,
+                  oversample: int = DEFAULT_OVERSAMPLE, sketch: str = DEFAULT_SKETCH,
+                  krylov_iters: int = DEFAULT_KRYLOV_ITERS, power_iters: int = DEFAULT_POWER_ITERS, seed: int = 0,
                   exact: bool = False, force: bool = False, progress: bool = False) -> dict:
     """Write the profile of ``base`` to ``output``; return a summary.
 
@@ -147,8 +152,8 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
     include, exclude : sequence of str
         fnmatch patterns on tensor keys; by default every 2-D (or convolution) float
         ``.weight`` except embeddings, the LM head and norms.
-    oversample, power_iters, seed, exact
-        The sketch, as for :func:`ddiscan.scan`.
+    oversample, sketch, krylov_iters, power_iters, seed, exact
+        The sketch, as for :func:`ddiscan.scan`; the profile records them.
     """
     if max_t < 1:
         raise OptionError("{max_t} must be at least 1", "max_t")
@@ -156,12 +161,15 @@ def build_profile(base, output, *, max_t: int = 64, include=(), exclude=DEFAULT_
         raise UsageError(f"{output}: a profile's name must end in {SUFFIX}")
     from .sources.gguf import open_weights  # (ddiscan.sources imports this module)
 
-    sketch = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact)
-    index = open_weights(base, sketch)
+    ScanOptions(oversample=oversample, sketch=sketch, krylov_iters=krylov_iters, power_iters=power_iters)  # checks
+    sketcher = Sketch(oversample=oversample, power_iters=power_iters, seed=seed, exact=exact, kernel=sketch,
+                      krylov_iters=krylov_iters)
+    index = open_weights(base, sketcher)
     keys = profile_keys(index, include, exclude)
     bar = tqdm(total=len(keys), desc="profiling", unit="weight", disable=not progress)
     with bar:
-        return write_profile(index, output, keys, max_t, sketch, _Sketched(index, max_t, sketch, bar), force=force)
+        return write_profile(index, output, keys, max_t, sketcher, _Sketched(index, max_t, sketcher, bar),
+                             force=force)
 
 
 def profile_keys(index: TensorIndex, include=(), exclude=DEFAULT_EXCLUDE) -> list[str]:
@@ -180,8 +188,8 @@ def write_profile(index: TensorIndex, output, keys, max_t: int, sketch: Sketch, 
     weights, entries = _layout(index, keys, max_t, sketched)
     meta = {
         "version": PROFILE_VERSION, "ddiscan_version": __version__, "max_t": max_t,
-        "oversample": sketch.oversample, "power_iters": sketch.power_iters, "seed": sketch.seed,
-        "exact": sketch.exact, "weights": weights,
+        "oversample": sketch.oversample, "sketch": sketch.kernel, "krylov_iters": sketch.krylov_iters,
+        "power_iters": sketch.power_iters, "seed": sketch.seed, "exact": sketch.exact, "weights": weights,
         "base_files": [{"name": p.name, "size": p.stat().st_size, "sha256": sha256(p)} for p in index.files],
     }
     _write_profile(output, entries, {META_KEY: json.dumps(meta, sort_keys=True), "format": "ddiscan-profile"},

@@ -12,6 +12,7 @@ import numpy as np
 from .errors import InputError
 from .io.quant import DESCRIPTION_FIELDS, FORMATS
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
+from .options import SKETCHES
 
 __all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_digest", "checked_meta",
            "check_tensors"]
@@ -65,6 +66,7 @@ def checked_meta(meta, path) -> dict:
             raise _malformed(path, field)
     if not isinstance(meta.get("exact"), bool):
         raise _malformed(path, "exact")
+    _check_kernel(meta, path)
     files = meta.get("base_files")
     if not isinstance(files, list) or not all(map(_is_base_file, files)):
         raise _malformed(path, "base_files")
@@ -75,6 +77,14 @@ def checked_meta(meta, path) -> dict:
         if not _is_weight_entry(entry):
             raise _malformed(path, f"weights.{key}")
     return weights
+
+
+def _check_kernel(meta: dict, path) -> None:
+    """The kernel fields, which profiles record since the block Krylov kernel (absent: subspace iteration)."""
+    if "sketch" in meta and meta["sketch"] not in SKETCHES:
+        raise _malformed(path, "sketch")
+    if "krylov_iters" in meta and not _is_int(meta["krylov_iters"], 0):
+        raise _malformed(path, "krylov_iters")
 
 
 def _malformed(path, field: str) -> InputError:

@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import printable
 from .report import SCORES, ModuleScore, Report
+from .select import undetermined
 
 __all__ = ["FORMATS", "COLUMNS", "render", "heatmap"]
 
@@ -37,13 +38,13 @@ def _columns(report: Report) -> tuple[str, ...]:
     return COLUMNS if extra is None else (*COLUMNS[:8], *(label for label, _ in extra))
 
 
-def _rows(report: Report):
+def _rows(report: Report, marked=frozenset()):
     extra = METHOD_COLUMNS.get(report.method)
     for i, m in enumerate(report.modules):
         scores = ((m.sharpness, m.deviation, m.magnitude_norm, m.ddi, m.ddi_norm) if extra is None
                   else tuple(getattr(m, name) for _, name in extra))
         yield (
-            str(i + 1) if m.finite else "-", printable(m.name), printable(m.kind),
+            (str(i + 1) + ("?" if m.name in marked else "")) if m.finite else "-", printable(m.name), printable(m.kind),
             "" if m.block is None else str(m.block),
             str(m.d), str(m.k), str(m.r), str(m.t), *(_number(v) for v in scores),
         )
@@ -67,7 +68,10 @@ def _footer(report: Report) -> str:
 
 
 def _table(report: Report) -> str:
-    return "\n".join(_aligned([_columns(report), *_rows(report)], left={1, 2})) + "\n" + _footer(report) + "\n"
+    marked = {m.name for m in undetermined(report.modules)} if report.method == "ddi" else set()
+    footer = _footer(report) + (f"; ? = O not precise enough to rank ({len(marked)} modules; --exact settles it)"
+                                if marked else "")
+    return "\n".join(_aligned([_columns(report), *_rows(report, marked)], left={1, 2})) + "\n" + footer + "\n"
 
 
 def _records(report: Report):

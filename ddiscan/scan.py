@@ -2,11 +2,10 @@
 
 The base is a :class:`~ddiscan.sources.WeightSource` (a checkpoint, a profile, or the
 alignment update of an aligned/unaligned pair), read in its own order. While one weight is
-scored, a thread maps the next and brings its bytes into the page cache (the read-ahead);
-the current weight alone is widened to the working dtype (float32; float64 with
-``exact=True``), its subspaces are found once for all the adapters and ranks that need
-them, and it is released before the next, so at most a few tensors are resident whatever
-the base's size, and base weights without a LoRA pair are never read.
+scored, a thread maps the next into the page cache; the current weight alone is widened
+(float32; float64 with ``exact``), its subspaces found once for all adapters and ranks that
+need them, and released before the next: a few tensors are resident whatever the base's
+size, and base weights without a LoRA pair are never read.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from .errors import UsageError
 from .io.reader import sha256
 from .lora import Adapter, LoraModule, load_adapter, lora_factors, match_modules, orient
 from .loha_lokr import structured_factors
-from .options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, OptionError, ScanOptions
+from .options import (DEFAULT_KRYLOV_ITERS, DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS, DEFAULT_SKETCH, OptionError,
+                      ScanOptions)
 from .report import SCHEMA_VERSION, Report, summarize
 from .score import METHOD_TABLE
 from .sketch import Sketch
@@ -114,24 +114,22 @@ def effective_threads(threads: int | None) -> int | None:
 
 
 def scan(base, adapter, **options) -> Report:
-    """Score every LoRA-updated module of ``adapter`` against ``base`` (by DDI, or by the
-    ``method`` given).
+    """Score every LoRA-updated module of ``adapter`` against ``base`` (by DDI, or ``method``).
 
     Parameters
     ----------
     base : path-like, TensorIndex or Profile
         A ``.safetensors`` file, a sharded checkpoint (directory or ``*.index.json``), a
-        directory holding one, or a base profile (``*.ddiprofile``).
+        directory holding one, a ``.gguf`` file, or a base profile (``*.ddiprofile``).
     adapter : path-like or Adapter
-        A ``.safetensors`` adapter file or a PEFT adapter directory.
+        An adapter file, or a PEFT or MLX-LM adapter directory.
     **options
         As for :func:`scan_many`.
 
     Returns
     -------
     Report
-        Modules most suspect first by the method's score (highest DDI or E-DIEM, lowest
-        SafeLoRA cosine), non-finite modules last.
+        Most suspect first (highest DDI or E-DIEM, lowest SafeLoRA cosine), non-finite last.
     """
     return scan_many(base, [adapter], **options)[0]
 
@@ -143,6 +141,8 @@ def scan_many(
     t: int | None = None,
     t_mult: float | None = None,
     oversample: int = DEFAULT_OVERSAMPLE,
+    sketch: str = DEFAULT_SKETCH,
+    krylov_iters: int = DEFAULT_KRYLOV_ITERS,
     power_iters: int = DEFAULT_POWER_ITERS,
     seed: int = 0,
     exact: bool = False,
@@ -170,8 +170,8 @@ def scan_many(
     base : path-like, TensorIndex or Profile
         As for :func:`scan`.
     adapters : sequence of path-like or Adapter
-    t, t_mult, oversample, power_iters, seed, exact, magnitude, alpha, scaling, allow_unmatched,
-    device, threads, read_ahead, progress, method, aligned, unaligned, components, samples
+    t, t_mult, oversample, sketch, krylov_iters, power_iters, seed, exact, magnitude, alpha, scaling,
+    allow_unmatched, device, threads, read_ahead, progress, method, aligned, unaligned, components, samples
         The fields of :class:`~ddiscan.options.ScanOptions`, which documents each.
     options : ScanOptions, optional
         All of the above as one value; when given, the keyword arguments are ignored.
@@ -181,7 +181,8 @@ def scan_many(
     list of Report, one per adapter, in order
     """
     if options is None:
-        options = ScanOptions(t=t, t_mult=t_mult, oversample=oversample, power_iters=power_iters, seed=seed,
+        options = ScanOptions(t=t, t_mult=t_mult, oversample=oversample, sketch=sketch, krylov_iters=krylov_iters,
+                              power_iters=power_iters, seed=seed,
                               exact=exact, magnitude=magnitude, alpha=alpha, scaling=scaling,
                               allow_unmatched=allow_unmatched, device=device, threads=threads,
                               read_ahead=read_ahead, progress=progress, method=method, aligned=aligned,
@@ -195,7 +196,7 @@ def scan_with(base, adapters, options: ScanOptions) -> list[Report]:
         raise UsageError("give at least one adapter")
     xp = _array_namespace(options.device)
     sketch = Sketch(oversample=options.oversample, power_iters=options.power_iters, seed=options.seed,
-                    exact=options.exact)
+                    exact=options.exact, kernel=options.sketch, krylov_iters=options.krylov_iters)
     source = open_source(base, sketch=sketch, aligned=options.aligned, unaligned=options.unaligned)
     parameters, notes = source.settle(_parameters(options))
     opened = [a if isinstance(a, Adapter) else load_adapter(a) for a in adapters]
@@ -218,8 +219,9 @@ def scan_with(base, adapters, options: ScanOptions) -> list[Report]:
 def _parameters(options: ScanOptions) -> dict:
     """The report's ``parameters``: the options as the scan ran them."""
     return {
-        "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample,
-        "power_iters": options.power_iters, "seed": options.seed, "exact": options.exact,
+        "t": options.t, "t_mult": options.t_mult, "oversample": options.oversample, "sketch": options.sketch,
+        "krylov_iters": options.krylov_iters, "power_iters": options.power_iters, "seed": options.seed,
+        "exact": options.exact,
         "magnitude": options.magnitude, "alpha": options.alpha, "scaling": options.scaling,
         "allow_unmatched": options.allow_unmatched, "device": options.device,
         "threads": effective_threads(options.threads), "eps": spectral.EPS, "method": options.method,

@@ -59,6 +59,8 @@ class ModuleScore:
     ediem: float | None = None
     core: str = "lora"  # what scored ΔW: "lora", "khatri-rao" (LoHa), "kronecker" (LoKr) or "dense"
     quantization: dict | None = None  # how W0 was dequantized (ddiscan/io/quant.py), None if stored plain
+    gap: float | None = None
+    deviation_error: float | None = None
 
 
 def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
@@ -68,7 +70,8 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
     if not _finite_inputs(module, up, down, weight.norm, xp):
         return ModuleScore(**fields, finite=False)
     base_norm = weight.norm
-    spectrum, dev = _spectrum_deviation(module, up, down, weight.basis(module, t), xp)
+    subspace = weight.basis(module, t)
+    spectrum, dev = _spectrum_deviation(module, up, down, subspace.basis, xp)
     delta_norm = _finite_norm(module, spectrum)
     sharp = spectral.sharpness(spectrum)
     mag = spectral.magnitude(delta_norm, base_norm)
@@ -80,6 +83,7 @@ def score_ddi(module, up, down, weight, *, t: int, options, xp) -> ModuleScore:
     return ModuleScore(
         **fields, finite=True, sharpness=sharp, deviation=dev, magnitude=mag, magnitude_norm=mag_norm,
         ddi=ddi, ddi_raw=ddi_raw, ddi_norm=ddi / (1.0 + ddi), delta_norm=delta_norm, base_norm=base_norm,
+        gap=subspace.gap, deviation_error=subspace.error,
     )
 
 

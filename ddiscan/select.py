@@ -3,12 +3,13 @@ the other methods, the lowest SafeLoRA cosines and the highest E-DIEM scores."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .options import OptionError
 from .report import SCORES, ModuleScore, Report, score
 
-__all__ = ["Selection", "select"]
+__all__ = ["Selection", "select", "ddi_bounds", "undetermined", "undetermined_at_cut"]
 
 
 @dataclass(frozen=True)
@@ -81,3 +82,46 @@ def _chosen(ranked: list[ModuleScore], rule: str, value: float, method: str) -> 
     if SCORES[method][2]:  # a low score is suspect (SafeLoRA's cosine)
         return [m for m in ranked if score(m, method) <= value]
     return [m for m in ranked if score(m, method) >= value]
+
+
+def ddi_bounds(m: ModuleScore) -> tuple[float, float]:
+    """DDI's interval from O's error bar (DDI is proportional to O): (DDI, DDI) when the
+    error bar is 0 or not known (a profile's subspaces)."""
+    error, o = m.deviation_error, m.deviation
+    if not error or m.ddi is None or o is None:
+        return (m.ddi, m.ddi) if m.ddi is not None else (0.0, 0.0)
+    low, high = max(0.0, o - error), min(1.0, o + error)
+    if o == 0:
+        return 0.0, m.ddi + error
+    return m.ddi * low / o, m.ddi * high / o
+
+
+def undetermined(ranked) -> list[ModuleScore]:
+    """The finite modules (ranked by DDI) whose DDI interval overlaps a rank neighbour's:
+    their O is not precise enough to order them."""
+    finite = [m for m in ranked if m.finite]
+    bounds = [ddi_bounds(m) for m in finite]
+    return [m for i, m in enumerate(finite)
+            if (i > 0 and bounds[i][1] > bounds[i - 1][0]) or (i + 1 < len(finite) and bounds[i][0] < bounds[i + 1][1])]
+
+
+def undetermined_at_cut(selection: Selection, modules) -> list[ModuleScore]:
+    """The modules, selected or not, that the cut of a DDI selection could place on the other
+    side within their error bars (empty for the other methods)."""
+    if selection.method != "ddi":
+        return []
+    finite = [m for m in Report.ranked(modules) if m.finite]
+    if selection.rule == "top":
+        return _across_top(finite, {m.name for m in selection.modules})
+    cut = selection.value
+    if selection.rule == "theta_norm":  # DDI_norm = DDI / (1 + DDI) >= v  ⇔  DDI >= v / (1 − v)
+        cut = selection.value / (1 - selection.value) if selection.value < 1 else math.inf
+    return [m for m in finite if ddi_bounds(m)[0] < cut <= ddi_bounds(m)[1]]
+
+
+def _across_top(finite, chosen: set) -> list[ModuleScore]:
+    """Selected modules whose DDI could fall below an unselected one's, and the reverse."""
+    bounds = {m.name: ddi_bounds(m) for m in finite}
+    floor = min((bounds[n][0] for n in chosen), default=math.inf)
+    ceiling = max((bounds[m.name][1] for m in finite if m.name not in chosen), default=-math.inf)
+    return [m for m in finite if (bounds[m.name][0] < ceiling if m.name in chosen else bounds[m.name][1] > floor)]

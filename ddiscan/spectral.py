@@ -132,10 +132,26 @@ def _r_factor(block, *, xp):
     return xp.linalg.qr(block)[1] if upper is None else upper
 
 
+def one_thread():
+    """A context in which BLAS and LAPACK run on one thread, for the small dense problems
+    (Cholesky, inverse, eigenproblem of a few dozen rows): waking threads costs far more
+    than such a problem does (an 80 × 80 eigh: 0.2 s against 2 ms on a busy 2-core machine)."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+_CONTROLLER = None
+
+
 def _cholesky_upper(gram, *, xp):
     """Upper Cholesky factor R (gram = RᵀR), or None when gram is not positive definite."""
     try:
-        upper = xp.linalg.matrix_transpose(xp.linalg.cholesky(gram))
+        with one_thread():
+            upper = xp.linalg.matrix_transpose(xp.linalg.cholesky(gram))
     except Exception:  # numpy raises LinAlgError; other namespaces may return NaN
         return None
     if not bool(xp.all(xp.isfinite(upper))) or not bool(xp.all(xp.linalg.diagonal(upper) > 0)):
@@ -247,25 +263,10 @@ def randomized_basis(w0, omega, *, t: int, power_iters: int, xp, right: bool = F
        and communication-avoiding algorithm for computing a tall-skinny QR
        factorization", ScalA 2014.
     """
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below, not printed
-        sample = w0 @ omega
-    if not bool(xp.all(xp.isfinite(sample))):
-        # finite values near the dtype's limit (3.4e38 for float32) overflow W0 Ω; the
-        # subspaces are those of W0 / max|W0|, whose products cannot
-        w0 = w0 / xp.max(xp.abs(w0))
-        sample = w0 @ omega
-    w0_t = xp.linalg.matrix_transpose(w0)
-    for _ in range(power_iters):
-        sample = w0 @ (w0_t @ orthonormalize(sample, xp=xp, passes=1))
-    sample = orthonormalize(sample, xp=xp)
-    small = xp.astype(xp.linalg.matrix_transpose(sample) @ w0, xp.float64)
-    values, vectors = xp.linalg.eigh(small @ xp.linalg.matrix_transpose(small))
-    rotation = xp.take(vectors, xp.argsort(-values)[:t], axis=1)
-    left = sample @ xp.astype(rotation, sample.dtype)
-    if not right:
-        return left
-    # Bₛᵀ Ũ_t = W Σ_t: its columns span the top-t right singular directions
-    return left, xp.astype(orthonormalize(xp.linalg.matrix_transpose(small) @ rotation, xp=xp), w0.dtype)
+    from .krylov import subspace_iteration  # it builds on this module's orthonormalize
+
+    ritz = subspace_iteration(w0, omega, t=t, power_iters=power_iters, xp=xp, right=right)
+    return (ritz.left, ritz.right) if right else ritz.left
 
 
 def exact_basis(w0, *, t: int, xp, right: bool = False):
@@ -291,5 +292,7 @@ def orthonormalize(block, *, xp, passes: int = 2):
         upper = _cholesky_upper(gram, xp=xp)
         if upper is None:
             return xp.linalg.qr(block)[0]
-        q = q @ xp.astype(xp.linalg.inv(upper), q.dtype)
+        with one_thread():
+            inverse = xp.linalg.inv(upper)
+        q = q @ xp.astype(inverse, q.dtype)
     return q

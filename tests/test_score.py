@@ -12,6 +12,7 @@ from ddiscan.lora import load_adapter, lora_factors, match_modules
 from ddiscan.options import ScanOptions
 from ddiscan.spectral import EPS
 from ddiscan.score import METHOD_TABLE, SCORES, ModuleScore, components, score, suspicion
+from ddiscan.sketch import Subspace
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE, ADAPTER = ROOT / "fixtures" / "tiny-llama", ROOT / "fixtures" / "tiny-lora"
@@ -28,7 +29,7 @@ class Weight:
         return self.matrix
 
     def basis(self, module, t):
-        return np.linalg.svd(self.matrix)[0][:, :t]
+        return Subspace(np.linalg.svd(self.matrix)[0][:, :t], error=0.0)
 
 
 def cases():

@@ -5,6 +5,7 @@ cluster, one task per group of base weights, and written by the client."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -71,7 +72,8 @@ def _fingerprint(database, index: TensorIndex) -> str:
 
 
 def _profile_path(db_path: Path, fingerprint: str, max_t: int, sketch: Sketch) -> Path:
-    how = json.dumps([max_t, sketch.oversample, sketch.power_iters, sketch.seed, sketch.exact])
+    how = json.dumps([max_t, sketch.oversample, sketch.power_iters, sketch.seed, sketch.exact, sketch.kernel,
+                      sketch.krylov_iters])
     return profile_dir(db_path) / f"{fingerprint[:24]}-{hashlib.sha256(how.encode()).hexdigest()[:12]}{SUFFIX}"
 
 
@@ -88,8 +90,7 @@ def _build(client, index: TensorIndex, path: Path, max_t: int, sketch: Sketch) -
     """The profile of ``index``, sketched by the cluster's workers (each opens the base
     itself), written atomically by this process."""
     keys = profile_keys(index)
-    fields = {"oversample": sketch.oversample, "power_iters": sketch.power_iters, "seed": sketch.seed,
-              "exact": sketch.exact}
+    fields = dataclasses.asdict(sketch)  # every field of the sketch, so the workers sketch alike
     futures = [client.submit(sketch_keys, str(index.path), keys[i:i + GROUP], max_t, fields, pure=False)
                for i in range(0, len(keys), GROUP)]
     computed: dict = {}

@@ -91,7 +91,7 @@ def _jobs(dask, database, base, targets, profiles, max_t, options) -> list[tuple
         except DdiscanError as exc:
             jobs.append((adapter, None, None, None, printable(str(exc))))
     sketch = Sketch(oversample=options.oversample, power_iters=options.power_iters, seed=options.seed,
-                    exact=options.exact)
+                    exact=options.exact, kernel=options.sketch, krylov_iters=options.krylov_iters)
     for base_path, adapters in groups.items():
         try:
             ready = prepare(dask, database, base_path, max_t, sketch, options.method)

@@ -13,7 +13,7 @@ import click
 
 from ..errors import InputError, OutputError, printable
 from ..score import parse_components
-from ..options import MAGNITUDES, METHODS, ScanOptions
+from ..options import MAGNITUDES, METHODS, SKETCHES, ScanOptions
 from ..plot import check_plot
 
 
@@ -97,7 +97,9 @@ SCAN_FLAGS = {
     "t": (click.IntRange(min=1), "Dimension t of W0's dominant subspace.  [default: the module's rank r]"),
     "t_mult": (_Finite(min=0, min_open=True), "Use t = ceil(T_MULT * r) instead; 2 is the paper's robust variant."),
     "oversample": (click.IntRange(min=0), "Oversampling q of the randomized range finder."),
-    "power_iters": (click.IntRange(min=0), "Power iterations of the randomized range finder."),
+    "sketch": (click.Choice(SKETCHES), "Range finder: block Krylov or subspace (power) iteration."),
+    "krylov_iters": (click.IntRange(min=0), "Iterations of the block Krylov range finder (block t + q wide)."),
+    "power_iters": (click.IntRange(min=0), "Power iterations of the subspace range finder."),
     "seed": (click.IntRange(min=0), "Seed of the random test matrices (same seed, same report)."),
     "exact": (None, "Take W0's subspace from a full float64 SVD (slow; for verification)."),
     "magnitude": (click.Choice(MAGNITUDES), "DDI = S*O*M_norm (bounded) or S*O*M (raw, the paper's literal Eq. 6)."),

@@ -21,12 +21,15 @@ from .options import PathType, scan_option
 @click.option("--exclude", multiple=True, help="Skip weights whose key matches this glob (repeatable).  "
               "[default: embeddings, LM head, norms]")
 @scan_option("oversample")
+@scan_option("sketch")
+@scan_option("krylov_iters")
 @scan_option("power_iters")
 @scan_option("seed", help="Seed of the random test matrices.")
 @scan_option("exact", help="Subspaces from full float64 SVDs.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, and no 'wrote' line on stderr.")
-def profile(base, output, max_t, include, exclude, oversample, power_iters, seed, exact, force, quiet):
+def profile(base, output, max_t, include, exclude, oversample, sketch, krylov_iters, power_iters, seed, exact, force,
+            quiet):
     """Store what scoring needs from BASE in a small profile, to check adapters without it.
 
     For each weight a LoRA could target: its shape, its Frobenius norm and orthonormal
@@ -36,7 +39,8 @@ def profile(base, output, max_t, include, exclude, oversample, power_iters, seed
     refuse_input_as_output(output, [base])
     summary = build_profile(
         base, output, max_t=max_t, include=include, exclude=exclude or DEFAULT_EXCLUDE, oversample=oversample,
-        power_iters=power_iters, seed=seed, exact=exact, force=force, progress=not quiet and sys.stderr.isatty(),
+        sketch=sketch, krylov_iters=krylov_iters, power_iters=power_iters, seed=seed, exact=exact, force=force,
+        progress=not quiet and sys.stderr.isatty(),
     )
     share = 100.0 * summary["size"] / summary["base_size"] if summary["base_size"] else 0.0
     if not quiet:

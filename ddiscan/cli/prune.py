@@ -15,6 +15,7 @@ from ..plot import plot_report
 from ..prune import prune as prune_adapter
 from ..report import SCORES
 from ..rewrite import MODES
+from ..select import undetermined_at_cut
 from .options import FINITE, PathType, output_path, plot_path, quiet_option, say, scan_kwargs, scan_options
 
 
@@ -62,7 +63,7 @@ def prune(paths, top, theta, theta_norm, mode, output, force, dry_run, from_repo
         dry_run=dry_run, from_report=from_report,
         **({} if from_report else {"progress": not quiet and sys.stderr.isatty(), **options}),
     )
-    for warning in (*(() if quiet else result.report.warnings), *_selection_warnings(result)):
+    for warning in (*(() if quiet else result.report.warnings), *_selection_warnings(result), *_cut_warnings(result)):
         say("warning", warning)
     _print_selection(result)
     if plot is not None:
@@ -94,6 +95,17 @@ def _selection_warnings(result) -> list[str]:
         norms = [m.ddi_norm for m in result.report.modules if m.finite]
         spread += f" (DDI_norm {min(norms):.6g} to {max(norms):.6g})"
     return [f"{result.selection.describe()} selects {what}; {spread}"]
+
+
+def _cut_warnings(result) -> list[str]:
+    """A warning when the selection could change within the modules' error bars."""
+    unsure = undetermined_at_cut(result.selection, result.report.modules)
+    if not unsure:
+        return []
+    names = ", ".join(m.name for m in unsure[:3]) + (", ..." if len(unsure) > 3 else "")
+    return [f"the selection ({result.selection.describe()}) could change within the error bars of O: "
+            f"{len(unsure)} modules ({names}) may fall on either side of the cut; rescan with --exact, or with "
+            "more --krylov-iters"]
 
 
 def _print_selection(result) -> None:

@@ -13,6 +13,7 @@ from ..errors import OutputError, UsageError, printable
 from ..io.writer import refuse_input_as_output, refuse_same_outputs, write_atomic
 from ..plot import plot_report
 from ..render import FORMATS, heatmap, render
+from ..select import undetermined
 from .options import (PathType, output_path, plot_path, profile_sha256_option, profiles_option, quiet_option, say,
                       scan_kwargs, scan_options)
 
@@ -102,9 +103,14 @@ def scan_reports(base, adapters, profiles, quiet, *, profile_sha256=None, **opti
         click.echo(printable(f"{adapter}: base {found.detail}"), err=True)
     reports, _ = scan_grouped(groups, profile_sha256=profile_sha256, **options)
     for result in reports if not quiet else ():
+        prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
         for warning in result.warnings:
-            prefix = f"{result.inputs['adapter']['path']}: " if len(reports) > 1 else ""
             say("warning", f"{prefix}{warning}")
+        unsure = undetermined(result.modules) if result.method == "ddi" else []
+        if unsure:
+            say("warning", f"{prefix}{len(unsure)} modules' O is not precise enough to rank them (their DDI error "
+                           "bars overlap a neighbour's; marked ? in the table): rescan with --exact, or with more "
+                           "--krylov-iters")
     return reports
 
 

@@ -13,7 +13,7 @@ from ..errors import InputError, ShapeMismatch
 from ..io.convert import frobenius, widen
 from ..io.index import TensorIndex
 from ..lora import orient
-from ..sketch import Sketch, dominant_basis
+from ..sketch import Sketch, dominant_subspace
 
 __all__ = ["AlignmentDifference", "alignment_pair", "alignment_update"]
 
@@ -48,7 +48,7 @@ class AlignmentDifference:
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
         a = xp.asarray(orient(module, matrix))
-        return dominant_basis(a, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)
+        return dominant_subspace(a, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)[1]
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
         return self.base.settle(parameters)

@@ -32,7 +32,8 @@ class WeightSource(Protocol):
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
         """Q_t: the top-t basis of the column space of W as ``module`` sees it (d × k,
-        :func:`ddiscan.lora.orient`); ``matrix`` is what ``load`` returned."""
+        :func:`ddiscan.lora.orient`), as a :class:`ddiscan.sketch.Subspace` with its error
+        bar; ``matrix`` is what ``load`` returned."""
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
         """The parameters the report records, and notes for its warnings."""

@@ -8,7 +8,7 @@ import numpy as np
 from ..io.convert import widen
 from ..io.index import TensorIndex
 from ..lora import orient
-from ..sketch import Sketch, dominant_basis
+from ..sketch import Sketch, dominant_subspace
 
 
 class CheckpointSource:
@@ -46,7 +46,7 @@ class CheckpointSource:
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
         w0 = xp.asarray(orient(module, matrix))
-        return dominant_basis(w0, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)
+        return dominant_subspace(w0, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)[1]
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
         return parameters, []

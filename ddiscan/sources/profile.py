@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..profile import Profile, is_profile
+from ..sketch import Subspace
 
 
 class ProfileSource:
@@ -37,7 +38,8 @@ class ProfileSource:
         return None, self.profile.norm(key)
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
-        return xp.asarray(self.profile.basis(key, transposed=module.transpose_base, t=t))
+        # a profile stores no Ritz values: the error bar of its subspaces is not known
+        return Subspace(xp.asarray(self.profile.basis(key, transposed=module.transpose_base, t=t)))
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
         """The profile's own sketch parameters replace the scan's (its subspaces are used
