@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .spectral import _cholesky_upper, one_thread, orthonormalize
+from .blas import one_thread
+from .spectral import _cholesky_upper, orthonormalize
 
 __all__ = ["Ritz", "subspace_iteration", "block_krylov", "rayleigh_ritz", "error_bar"]
 

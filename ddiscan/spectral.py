@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas import one_thread
+
 __all__ = [
     "EPS",
     "Spectrum",
@@ -130,21 +132,6 @@ def _r_factor(block, *, xp):
     """R of a thin QR of a tall float64 ``block``: Cholesky of its Gram matrix, or QR."""
     upper = _cholesky_upper(xp.linalg.matrix_transpose(block) @ block, xp=xp)
     return xp.linalg.qr(block)[1] if upper is None else upper
-
-
-def one_thread():
-    """A context in which BLAS and LAPACK run on one thread, for the small dense problems
-    (Cholesky, inverse, eigenproblem of a few dozen rows): waking threads costs far more
-    than such a problem does (an 80 × 80 eigh: 0.2 s against 2 ms on a busy 2-core machine)."""
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-_CONTROLLER = None
 
 
 def _cholesky_upper(gram, *, xp):
