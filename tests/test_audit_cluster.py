@@ -4,6 +4,8 @@ processes started here on 127.0.0.1 (free ports: the scheduler's address is read
 
 * a worker SIGKILLed mid-audit: the audit completes (Dask runs its tasks elsewhere) and
   its database equals an uninterrupted run's;
+* the scheduler SIGKILLed mid-audit: the client stops with a one-line error and a sound
+  database, and a rerun on a new cluster ends with the database an uninterrupted run gives;
 * the client SIGKILLed right after its n-th commit (a driver patches the database's
   transaction to kill the process, as tests/test_kill.py does), then run again: the
   database equals an uninterrupted run's (every row but scanned_at) and is never corrupt.
@@ -143,6 +145,41 @@ def test_a_worker_killed_mid_audit_is_survived(collection, cluster, tmp_path):
     assert proc.returncode == 0, stderr
     assert cluster.workers[0].wait(timeout=WAIT) == -signal.SIGKILL
     assert at_kill < _rows(reference)  # the kill came before the audit's end
+    assert content(db) == content(reference)
+
+
+def test_a_scheduler_killed_mid_audit_then_rerun_on_a_new_cluster_gives_the_same_database(collection, cluster,
+                                                                                          tmp_path):
+    reference = tmp_path / "reference.sqlite"
+    assert run(audit_args(collection, reference, cluster)).returncode == 0
+    db = tmp_path / "audit.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "0", *audit_args(collection, db, cluster)], env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not _rows(db):
+            assert time.monotonic() < deadline and proc.poll() is None, "no row was committed"
+            time.sleep(0.05)
+        cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
+        _, stderr = proc.communicate(timeout=2 * WAIT)
+    finally:
+        proc.kill()
+    assert cluster.procs[0].wait(timeout=WAIT) == -signal.SIGKILL
+    assert proc.returncode not in (0, -signal.SIGKILL), stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    con = sqlite3.connect(db, timeout=WAIT)
+    try:
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        con.close()
+    assert _rows(db) < _rows(reference)  # the kill came before the audit's end
+    fresh = Cluster(tmp_path / "cluster-2")
+    try:
+        again = run(audit_args(collection, db, fresh))
+    finally:
+        fresh.stop()
+    assert again.returncode == 0, again.stderr
     assert content(db) == content(reference)
 
 

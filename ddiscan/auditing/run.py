@@ -164,6 +164,27 @@ def _cluster(client, workers, scheduler):
         yield client
         return
     distributed = _distributed()
+    with _quiet_dask():
+        yield from _connected(distributed, workers, scheduler)
+
+
+@contextmanager
+def _quiet_dask():
+    """Dask's own log records (a lost scheduler logs tracebacks) kept off stderr: a failure
+    reaches the user as the audit's one-line error."""
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict if n.startswith("distributed."))]
+    loggers = [logging.getLogger(name) for name in names]  # dask sets some children's levels itself
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _connected(distributed, workers, scheduler):
     if scheduler is not None:
         try:
             connected = distributed.Client(scheduler, timeout=CONNECT_TIMEOUT)
