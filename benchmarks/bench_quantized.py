@@ -148,13 +148,7 @@ def render(results: dict, largest_mb: float, adapter: str, info: str) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    bench_scan.write_section(path, section, BEGIN, END)
 
 
 def main(argv=None) -> int:

@@ -330,17 +330,6 @@ def read_floor(keys: list, locations: dict) -> float:
     return elapsed
 
 
-def sketch(w0: np.ndarray, omega: np.ndarray, t: int, p: int) -> np.ndarray:
-    """The randomized range finder, written directly (the compute floor)."""
-    y, _ = np.linalg.qr(w0 @ omega)
-    for _ in range(p):
-        z, _ = np.linalg.qr(w0.T @ y)
-        y, _ = np.linalg.qr(w0 @ z)
-    small = y.T @ w0
-    u, _, _ = np.linalg.svd(small, full_matrices=False)
-    return y @ u[:, :t]
-
-
 def widen_bf16(array: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16, as ddiscan maps them) or any float → float32; bfloat16 exactly,
     by a 16-bit shift (ddiscan 0.1's way)."""
@@ -364,44 +353,76 @@ def load_f32(base_index, key: str) -> np.ndarray:
     return widen_bf16(base_index.mapped(key))
 
 
-def sketch_products(w0: np.ndarray, omega: np.ndarray, p: int) -> None:
-    """The sketch's matrix products alone: W0 Ω, p × (W0ᵀ Y, W0 Z), Q₀ᵀ W0 — rescaled by a
-    scalar between products (O(d·l), to keep the numbers finite) instead of orthonormalised."""
+KERNELS = ("krylov", "subspace")
+
+
+def sketch_products(w0: np.ndarray, omega: np.ndarray, kernel: str, iters: int, t: int) -> None:
+    """The products with W0 that ``kernel`` makes (ddiscan.krylov), alone, rescaled by a scalar
+    between products (O(d·b), to keep the numbers finite) instead of orthonormalised.
+
+    krylov (``block_krylov``): W0 Ω; W0ᵀ Q₀; per iteration W0 (W0ᵀ Qᵢ) and W0ᵀ Qᵢ₊₁ of the
+    new block; every W0ᵀ Qᵢ is a block of the Rayleigh–Ritz matrix, so the residual
+    W0 (W0ᵀ Q_t), t wide, for the error bar is the one product more: 3 + 2·iters.
+    subspace (``subspace_iteration``): W0 Ω; per iteration W0ᵀ Y and W0 Z; W0ᵀ Q for
+    Rayleigh–Ritz; the same residual: 3 + 2·iters, all b wide but the last.
+    """
     y = w0 @ omega
-    for _ in range(p):
+    if kernel == "krylov":
         y /= np.float32(np.abs(y).max())
-        z = w0.T @ y
-        z /= np.float32(np.abs(z).max())
-        y = w0 @ z
-    y /= np.float32(np.abs(y).max())
-    y.T @ w0
+        rows = w0.T @ y
+        for _ in range(iters):
+            rows /= np.float32(np.abs(rows).max())
+            y = w0 @ rows
+            y /= np.float32(np.abs(y).max())
+            rows = w0.T @ y
+    else:
+        for _ in range(iters):
+            y /= np.float32(np.abs(y).max())
+            z = w0.T @ y
+            z /= np.float32(np.abs(z).max())
+            y = w0 @ z
+        y /= np.float32(np.abs(y).max())
+        rows = w0.T @ y
+    w0 @ np.ascontiguousarray(rows[:, :t])
 
 
-def compute_floor(mods: list, base_index, p: int, q: int) -> tuple[float, float]:
-    """(products alone, products + numpy Householder QRs + small SVD), summed over modules."""
+def run_kernel(w0: np.ndarray, omega: np.ndarray, kernel: str, iters: int, t: int) -> None:
+    """ddiscan's own kernel on the same float32 W0 in memory: products, orthogonalisation,
+    Rayleigh–Ritz and residual (what the scan spends on a module once W0 is widened)."""
+    from ddiscan import krylov
+
+    if kernel == "krylov":
+        krylov.block_krylov(w0, omega, t=t, iters=iters, xp=np)
+    else:
+        krylov.subspace_iteration(w0, omega, t=t, power_iters=iters, xp=np)
+
+
+def compute_floor(mods: list, base_index, kernel: str, iters: int, q: int) -> tuple[float, float]:
+    """(``kernel``'s products with W0 alone, ddiscan's whole kernel in memory), summed over
+    modules; each distinct (d, k, t) timed once (best of 5 and of 3) × its count."""
     from ddiscan import spectral
 
     groups: dict = {}
     for key, d, k, r in mods:
         groups.setdefault((d, k, r), []).append(key)
-    products = with_qr = 0.0
+    products = whole = 0.0
     for (d, k, r), keys in groups.items():
         w0 = load_f32(base_index, keys[0])
         t = min(r, d, k)
-        omega = spectral.gaussian_test_matrix(k, min(t + q, d, k), 0)
-        times, times_qr = [], []
-        for _ in range(5):  # a floor: the best of 5, robust to other load
-            t0 = time.perf_counter()
-            sketch_products(w0, omega, p)
-            times.append(time.perf_counter() - t0)
-        for _ in range(3):
-            t0 = time.perf_counter()
-            sketch(w0, omega, t, p)
-            times_qr.append(time.perf_counter() - t0)
-        products += min(times) * len(keys)
-        with_qr += min(times_qr) * len(keys)
-        del w0
-    return products, with_qr
+        omega = spectral.gaussian_test_matrix(k, min(t + q, d, k), 0).astype(np.float32)
+        products += best_time(lambda: sketch_products(w0, omega, kernel, iters, t), 5) * len(keys)
+        whole += best_time(lambda: run_kernel(w0, omega, kernel, iters, t), 3) * len(keys)
+    return products, whole
+
+
+def best_time(fn, repeats: int) -> float:
+    """The best of ``repeats`` wall times of ``fn()`` (a floor, robust to other load)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 _REF_CACHE: dict = {}
@@ -661,14 +682,13 @@ def package_versions() -> dict:
 
 def bench_one(shape: str, adapter: str, base: Path, adapter_dir: Path, args, work: Path, can_drop: bool) -> dict:
     from ddiscan.io.index import TensorIndex
-    from ddiscan.options import DEFAULT_OVERSAMPLE, DEFAULT_POWER_ITERS
+    from ddiscan.options import DEFAULT_OVERSAMPLE
 
-    p, q = DEFAULT_POWER_ITERS, DEFAULT_OVERSAMPLE
     mods = targeted(shape, adapter)
     keys = [m[0] for m in mods]
     locations = tensor_locations(base)
     index = TensorIndex(base)
-    res = {"shape": shape, "adapter": adapter, "modules": len(mods), "p": p, "q": q,
+    res = {"shape": shape, "adapter": adapter, "modules": len(mods), "q": DEFAULT_OVERSAMPLE,
            "bytes": sum(locations[k][2] - locations[k][1] for k in keys),
            "largest_f32_mb": max(d * k for _, d, k, _ in mods) * 4 / 1e6}
     log = lambda msg: print(f"[{shape} {adapter}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -682,52 +702,97 @@ def bench_one(shape: str, adapter: str, base: Path, adapter_dir: Path, args, wor
             cold.append(read_floor(keys, locations))
         res["read_cold"] = statistics.median(cold)
     log(f"read floor warm {res['read_warm']:.2f}s cold {res.get('read_cold', float('nan')):.2f}s")
-    res["compute"], res["compute_householder"] = compute_floor(mods, index, p, q)
-    log(f"compute floor {res['compute']:.2f}s")
-
-    out = work / "report.json"
-    read_floor(keys, locations)
-    ddiscan_report(base, adapter_dir, out)  # warm-up
-    res["scan_warm"] = median_runs([ddiscan_report(base, adapter_dir, out) for _ in range(args.repeats)])
-    scan_o = report_o(out)
-    log(f"scan warm {res['scan_warm']}")
-    if can_drop and args.cold:
-        runs = []
-        for _ in range(args.cold_repeats):
-            drop_caches()
-            runs.append(ddiscan_report(base, adapter_dir, out))
-        res["scan_cold"] = median_runs(runs)
-        log(f"scan cold {res['scan_cold']}")
-    res["startup"] = median_runs([run_measured([str(Path(sys.executable).parent / "ddiscan"), "--version"])
-                                  for _ in range(3)])
-
-    exact_o = None
-    if f"{shape}:{adapter}" in args.exact_on:
-        res["scan_exact"] = ddiscan_report(base, adapter_dir, out, ["--exact"])
-        exact_o = report_o(out)
-        log(f"scan --exact {res['scan_exact']}")
-
-    if not args.skip_torch:
-        res["torch"] = torch_path(base, adapter_dir, "lowrank", p, q, work)
-        log(f"torch lowrank wall {res['torch']['wall']:.1f}s rss {res['torch']['rss_mb']:.0f}MB")
-        if f"{shape}:{adapter}" in args.exact_on:
-            res["torch_exact"] = torch_path(base, adapter_dir, "exact", p, q, work)
-            log(f"torch exact wall {res['torch_exact']['wall']:.1f}s")
 
     ref_blocks = None
     if args.ref_blocks.get(shape) is not None:
         ref_blocks = set(args.ref_blocks[shape])
     ref = reference_o(index, adapter_dir, mods, ref_blocks)
     res["ref_modules"] = len(ref)
-    res["err_scan"] = max_err(scan_o, ref)
-    if exact_o is not None:
-        res["err_ddiscan_exact"] = max_err(exact_o, ref)
-    if "torch" in res:
-        res["err_torch"] = max_err(res["torch"].pop("O"), ref)
-    if "torch_exact" in res:
-        res["err_torch_exact"] = max_err(res["torch_exact"].pop("O"), ref)
     res["O_range"] = [min(ref.values()), max(ref.values())]
-    log(f"accuracy {res['err_scan']:.2e} on {len(ref)} modules")
+    res["kernels"] = {kernel: bench_kernel(kernel, mods, index, keys, locations, (base, adapter_dir, work),
+                                           args, can_drop, ref, log)
+                      for kernel in args.sketch}
+    res["startup"] = median_runs([run_measured([str(Path(sys.executable).parent / "ddiscan"), "--version"])
+                                  for _ in range(3)])
+    p = kernel_iters(args.sketch[0])
+    out = work / "report.json"
+    if f"{shape}:{adapter}" in args.exact_on:
+        res["scan_exact"] = ddiscan_report(base, adapter_dir, out, ["--exact"])
+        res["err_ddiscan_exact"] = max_err(report_o(out), ref)
+        log(f"scan --exact {res['scan_exact']}")
+    if not args.skip_torch:
+        res["torch"] = torch_path(base, adapter_dir, "lowrank", p, res["q"], work)
+        res["err_torch"] = max_err(res["torch"].pop("O"), ref)
+        log(f"torch lowrank wall {res['torch']['wall']:.1f}s rss {res['torch']['rss_mb']:.0f}MB")
+        if f"{shape}:{adapter}" in args.exact_on:
+            res["torch_exact"] = torch_path(base, adapter_dir, "exact", p, res["q"], work)
+            res["err_torch_exact"] = max_err(res["torch_exact"].pop("O"), ref)
+            log(f"torch exact wall {res['torch_exact']['wall']:.1f}s")
+    if f"{shape}:{adapter}" in args.profile_ratio:
+        res["from_profile"] = from_profile(base, adapter_dir, work, args, log)
+    return res
+
+
+def kernel_iters(kernel: str) -> int:
+    """The default iteration count of ``kernel`` (ddiscan.options)."""
+    from ddiscan.options import DEFAULT_KRYLOV_ITERS, DEFAULT_POWER_ITERS
+
+    return DEFAULT_KRYLOV_ITERS if kernel == "krylov" else DEFAULT_POWER_ITERS
+
+
+def bench_kernel(kernel: str, mods: list, index, keys: list, locations: dict, paths: tuple, args, can_drop: bool,
+                 ref: dict, log) -> dict:
+    """One kernel's compute floor, its whole kernel in memory, and ``ddiscan report --sketch
+    KERNEL`` warm (median) and cold, with its max |O − O_exact| over the reference modules."""
+    from ddiscan.options import DEFAULT_OVERSAMPLE
+
+    base, adapter_dir, work = paths
+    iters = kernel_iters(kernel)
+    res = {"iters": iters}
+    res["compute"], res["kernel_in_memory"] = compute_floor(mods, index, kernel, iters, DEFAULT_OVERSAMPLE)
+    log(f"{kernel}: compute floor {res['compute']:.2f}s, kernel in memory {res['kernel_in_memory']:.2f}s")
+    out = work / f"report-{kernel}.json"
+    extra = ["--sketch", kernel]
+    read_floor(keys, locations)
+    ddiscan_report(base, adapter_dir, out, extra)  # warm-up
+    res["scan_warm"] = median_runs([ddiscan_report(base, adapter_dir, out, extra) for _ in range(args.repeats)])
+    res["err_scan"] = max_err(report_o(out), ref)
+    log(f"{kernel}: scan warm {res['scan_warm']}, max |dO| {res['err_scan']:.2e}")
+    if can_drop and args.cold:
+        runs = []
+        for _ in range(args.cold_repeats):
+            drop_caches()
+            runs.append(ddiscan_report(base, adapter_dir, out, extra))
+        res["scan_cold"] = median_runs(runs)
+        log(f"{kernel}: scan cold {res['scan_cold']}")
+    return res
+
+
+def from_profile(base: Path, adapter_dir: Path, work: Path, args, log) -> dict:
+    """``ddiscan profile BASE`` (default options, --max-t 64) built once, then ``ddiscan report
+    PROFILE ADAPTER`` warm (median) against ``ddiscan report BASE ADAPTER``, and a cProfile of
+    the in-process scan from the profile: where a scan from a profile spends its time."""
+    import ddiscan
+
+    exe = str(Path(sys.executable).parent / "ddiscan")
+    profile = work / "base.ddiprofile"
+    res = {"build": run_measured([exe, "profile", str(base), "-o", str(profile), "--max-t", "64", "-q"]),
+           "size_mb": profile.stat().st_size / 1e6}
+    out = work / "report-profile.json"
+    ddiscan_report(profile, adapter_dir, out)  # warm-up
+    res["scan_warm"] = median_runs([ddiscan_report(profile, adapter_dir, out) for _ in range(args.repeats)])
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    ddiscan.scan(profile, adapter_dir)
+    prof.disable()
+    res["scan_wall_inprocess"] = time.perf_counter() - t0
+    stream = io.StringIO()
+    pstats.Stats(prof, stream=stream).sort_stats("cumulative").print_stats(16)
+    lines = [ln for ln in stream.getvalue().splitlines() if ln.strip()]
+    start = next(i for i, ln in enumerate(lines) if ln.lstrip().startswith("ncalls"))
+    res["cprofile"] = lines[start:start + 17]
+    log(f"from profile: build {res['build']['wall']:.1f}s, scan warm {res['scan_warm']['wall']:.2f}s")
     return res
 
 
@@ -748,79 +813,147 @@ def startup_cell(seconds) -> str:
     return fmt(seconds)
 
 
+BEGIN, END = "<!-- bench_scan: begin -->", "<!-- bench_scan: end -->"
+
+
 def render(results: list, profiles: dict, info: dict, can_drop: bool, elapsed: float) -> str:
-    lines = ["# ddiscan scan benchmark", "",
+    lines = [BEGIN, "# ddiscan scan benchmark", "",
              f"Generated by `python benchmarks/bench_scan.py` ({time.strftime('%Y-%m-%d %H:%M')}, "
-             f"{elapsed / 60:.0f} min). Rerun to refresh; see benchmarks/README.md.", "",
+             f"{elapsed / 60:.0f} min, load average {os.getloadavg()[0]:.1f} at the end). Rerun to refresh; "
+             "see benchmarks/README.md.", "",
              "## Machine", "",
              f"* {info['cpus']} CPUs, {info['mem_gib']:.1f} GiB RAM, {info['platform']}",
              f"* Python {info['python']}, numpy {info['numpy']}, torch {info.get('torch', '—')}",
              *[f"* BLAS: {b}" for b in info["blas"]],
              "* packages: " + ", ".join(f"{k} {v}" for k, v in info.get("packages", {}).items()),
              f"* dropping the page cache (`echo 3 > /proc/sys/vm/drop_caches`): "
-             f"{'works — cold numbers are real' if can_drop else 'not permitted — no cold numbers'}", "",
-             "## Results", "",
+             f"{'works — cold numbers are real' if can_drop else 'not permitted — no cold numbers'}", ""]
+    lines += render_results(results) + render_ratios(results) + render_from_profile(results)
+    lines += render_profiles(profiles)
+    return "\n".join(lines + [END]) + "\n"
+
+
+def kernel_rows(results: list):
+    """(result, kernel name, that kernel's numbers), one per adapter and kernel run."""
+    for r in results:
+        for kernel, kr in r["kernels"].items():
+            yield r, kernel, kr
+
+
+def kernel_label(kernel: str, kr: dict) -> str:
+    return f"{kernel} ({'iters' if kernel == 'krylov' else 'p'} = {kr['iters']})"
+
+
+def render_results(results: list) -> list:
+    g = lambda d, k, f="wall": d[k][f] if k in d else None  # noqa: E731
+    lines = ["## Results", "",
              "Times in seconds (scan and torch: medians of warm runs; read warm and compute floor: best of "
-             "runs; cold = after dropping the page cache, one run unless `--cold-repeats`). Default "
-             "scan: t = r, q = 8, p = DEFAULT_POWER_ITERS. `scan` is `ddiscan report ... -q --format json -o F` "
-             "as a subprocess, including interpreter start-up (`startup` = `ddiscan --version`).", "",
-             "| shape | adapter | modules | targeted GB (bf16) | read warm | read cold | compute floor "
-             "| scan warm | scan cold | scan CPU | startup | scan RSS MB | torch path | torch RSS MB "
-             "| scan --exact | torch exact | sketch w/ numpy QR |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        g = lambda k, f="wall": r[k][f] if k in r else None  # noqa: E731
+             "runs; cold = after dropping the page cache, one run unless `--cold-repeats`). t = r, q = 8; each "
+             "kernel at its default iterations (`--sketch krylov --krylov-iters 4` is ddiscan's default, "
+             "`--sketch subspace --power-iters 4` the earlier one), the two run side by side in the same run. "
+             "`scan` is `ddiscan report ... -q --format json -o F --sketch KERNEL` as a subprocess, including "
+             "interpreter start-up (`startup` = `ddiscan --version`).", "",
+             "| shape | adapter | modules | targeted GB (bf16) | kernel | read warm | read cold | compute floor "
+             "| kernel in memory | scan warm | scan cold | scan CPU | startup | scan RSS MB | torch path "
+             "| torch RSS MB | scan --exact | torch exact |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+             "| --- | --- |"]
+    for r, kernel, kr in kernel_rows(results):
         lines.append(
-            f"| {r['shape']} | {r['adapter']} | {r['modules']} | {r['bytes'] / 1e9:.2f} | {fmt(r['read_warm'])} "
-            f"| {fmt(r.get('read_cold'))} | {fmt(r['compute'])} | {fmt(g('scan_warm'))} | {fmt(g('scan_cold'))} "
-            f"| {fmt(g('scan_warm', 'cpu'))} | {startup_cell(g('startup'))} | {fmt(g('scan_warm', 'rss_mb'), '.0f')} "
-            f"| {fmt(g('torch'))} | {fmt(g('torch', 'rss_mb'), '.0f')} | {fmt(g('scan_exact'))} "
-            f"| {fmt(g('torch_exact'))} | {fmt(r.get('compute_householder'))} |")
-    lines += ["", "### Ratios against the targets", "",
-              "| shape | adapter | warm: scan / (read+compute) ≤ 1.25 | cold: scan / max(read, compute) ≤ 1.25 "
-              "| torch / scan ≥ 3 | scan RSS / torch RSS ≤ 0.2 | exact / default "
-              "| RSS / (largest f32 tensor MB) | RSS ≤ 3·largest f32 + 150 MB | max abs ΔO scan | ΔO torch "
-              "| ΔO ddiscan --exact | ΔO torch exact | reference modules |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        warm = r["scan_warm"]["wall"]
-        cold = r.get("scan_cold", {}).get("wall")
-        rss = r["scan_warm"]["rss_mb"]
-        big = r["largest_f32_mb"]
-        limit = 3 * big + 150
-        rw = ratio(warm, r["read_warm"] + r["compute"])
-        rc = ratio(cold, max(r.get("read_cold") or 0, r["compute"])) if cold else None
+            f"| {r['shape']} | {r['adapter']} | {r['modules']} | {r['bytes'] / 1e9:.2f} | {kernel_label(kernel, kr)} "
+            f"| {fmt(r['read_warm'])} | {fmt(r.get('read_cold'))} | {fmt(kr['compute'])} "
+            f"| {fmt(kr['kernel_in_memory'])} | {fmt(g(kr, 'scan_warm'))} | {fmt(g(kr, 'scan_cold'))} "
+            f"| {fmt(g(kr, 'scan_warm', 'cpu'))} | {startup_cell(g(r, 'startup'))} "
+            f"| {fmt(g(kr, 'scan_warm', 'rss_mb'), '.0f')} | {fmt(g(r, 'torch'))} | {fmt(g(r, 'torch', 'rss_mb'), '.0f')} "
+            f"| {fmt(g(r, 'scan_exact'))} | {fmt(g(r, 'torch_exact'))} |")
+    return lines + [""]
+
+
+def render_ratios(results: list) -> list:
+    lines = ["### Ratios against the targets", "",
+             "Each scan against its own kernel's compute floor.", "",
+             "| shape | adapter | kernel | warm: scan / (read+compute) ≤ 1.25 | cold: scan / max(read, compute) ≤ 1.25 "
+             "| torch / scan ≥ 3 | scan RSS / torch RSS ≤ 0.2 | exact / scan | RSS ≤ 3·largest f32 + 150 MB "
+             "| max abs ΔO scan | ΔO torch | ΔO ddiscan --exact | ΔO torch exact | reference modules |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    mark = lambda v, ok: "—" if v is None else f"{v:.2f} {'✓' if ok(v) else '✗'}"  # noqa: E731
+    for r, kernel, kr in kernel_rows(results):
+        warm = kr["scan_warm"]["wall"]
+        cold = kr.get("scan_cold", {}).get("wall")
+        rss, limit = kr["scan_warm"]["rss_mb"], 3 * r["largest_f32_mb"] + 150
+        rw = ratio(warm, r["read_warm"] + kr["compute"])
+        rc = ratio(cold, max(r.get("read_cold") or 0, kr["compute"])) if cold else None
         rt = ratio(r.get("torch", {}).get("wall"), warm)
         rm = ratio(rss, r.get("torch", {}).get("rss_mb"))
-        re = ratio(r.get("scan_exact", {}).get("wall"), warm)
-        mark = lambda v, ok: "—" if v is None else f"{v:.2f} {'✓' if ok(v) else '✗'}"  # noqa: E731
         lines.append(
-            f"| {r['shape']} | {r['adapter']} | {mark(rw, lambda v: v <= 1.25)} | {mark(rc, lambda v: v <= 1.25)} "
-            f"| {mark(rt, lambda v: v >= 3)} | {mark(rm, lambda v: v <= 0.2)} | {fmt(re)} | {rss / big:.2f} "
-            f"| {rss:.0f} vs {limit:.0f} {'✓' if rss <= limit else '✗'} | {fmt(r['err_scan'], '.1e')} "
+            f"| {r['shape']} | {r['adapter']} | {kernel_label(kernel, kr)} | {mark(rw, lambda v: v <= 1.25)} "
+            f"| {mark(rc, lambda v: v <= 1.25)} | {mark(rt, lambda v: v >= 3)} | {mark(rm, lambda v: v <= 0.2)} "
+            f"| {fmt(ratio(r.get('scan_exact', {}).get('wall'), warm))} "
+            f"| {rss:.0f} vs {limit:.0f} {'✓' if rss <= limit else '✗'} | {fmt(kr['err_scan'], '.1e')} "
             f"| {fmt(r.get('err_torch'), '.1e')} | {fmt(r.get('err_ddiscan_exact'), '.1e')} "
             f"| {fmt(r.get('err_torch_exact'), '.1e')} | {r['ref_modules']} (O in {r['O_range'][0]:.2f}–{r['O_range'][1]:.2f}) |")
-    lines += ["", "Columns: `read` reads exactly the targeted tensors' bytes once; `compute floor` is the "
-              "sketch's matrix products alone (W0 Ω, 2p power-iteration products, Q₀ᵀW0; a scalar rescale "
-              "instead of each QR) on float32 copies in memory, one distinct (d, k, t) timed (best of 5) × its "
-              "count; `sketch w/ numpy QR` the same with numpy's Householder QR after every product and the "
-              "small SVD (ddiscan 0.1's kernel); `torch path` loads base + adapter "
-              "with transformers + PEFT (bfloat16) and scores with `torch.svd_lowrank(q=t+8, niter=p)`, "
-              "`torch exact` with `torch.linalg.svd` (wall includes the model load: see the JSON for "
-              "load/score). ΔO = max |O − O_exact| over the reference modules, O_exact from float64 top-t "
-              "singular vectors of W0."]
+    return lines + ["", "Columns: `read` reads exactly the targeted tensors' bytes once; `compute floor` is the "
+                    "kernel's matrix products with W0 alone, as plain NumPy matmuls of the same shapes on float32 "
+                    "copies in memory (a scalar rescale instead of each orthogonalisation): block Krylov makes "
+                    "W0 Ω, W0ᵀ Q₀, per iteration W0 (W0ᵀ Qᵢ) and W0ᵀ Qᵢ₊₁, and the t-wide residual W0 (W0ᵀ Q_t) "
+                    "of the error bar; subspace iteration W0 Ω, per iteration W0ᵀ Y and W0 Z, W0ᵀ Q and the same "
+                    "residual (3 + 2 × iterations products for both, b = t + q wide but the last); one distinct "
+                    "(d, k, t) timed (best of 5) × its count. `kernel in memory` is ddiscan's own kernel "
+                    "(`krylov.block_krylov` / `krylov.subspace_iteration`: products, re-orthogonalisation, "
+                    "Rayleigh–Ritz, residual) on the same float32 copies (best of 3). `torch path` loads base + "
+                    "adapter with transformers + PEFT (bfloat16) and scores with `torch.svd_lowrank(q=t+8, "
+                    "niter=p)`, `torch exact` with `torch.linalg.svd` (wall includes the model load: see the JSON). "
+                    "ΔO = max |O − O_exact| over the reference modules, O_exact from float64 top-t singular "
+                    "vectors of W0.", ""]
+
+
+def render_from_profile(results: list) -> list:
+    lines = []
+    for r in results:
+        fp = r.get("from_profile")
+        if fp is None:
+            continue
+        default = next(iter(r["kernels"].values()))["scan_warm"]["wall"]
+        speedup = ratio(default, fp["scan_warm"]["wall"])
+        lines += [f"## Scans from a profile: {r['shape']} {r['adapter']}", "",
+                  f"`ddiscan profile BASE -o P --max-t 64` (default sketch) took {fp['build']['wall']:.1f} s "
+                  f"and wrote {fp['size_mb']:.0f} MB; `ddiscan report P ADAPTER` took "
+                  f"{fp['scan_warm']['wall']:.2f} s warm (median; CPU {fp['scan_warm']['cpu']:.2f} s, peak RSS "
+                  f"{fp['scan_warm']['rss_mb']:.0f} MB) against {default:.2f} s from the base with the same "
+                  f"kernel: **{fmt(speedup, '.1f')}× faster** (target ≥ 20: "
+                  f"{'✓' if speedup and speedup >= 20 else '✗'}). Interpreter start-up alone is "
+                  f"{fmt(r['startup']['wall'])} s of it. cProfile of `ddiscan.scan(P, ADAPTER)` in-process "
+                  f"({fp['scan_wall_inprocess']:.2f} s), top functions by cumulative time:", "",
+                  "```", *fp["cprofile"], "```", ""]
+    return lines
+
+
+def render_profiles(profiles: dict) -> list:
+    lines = []
     for (shape, adapter), prof in profiles.items():
-        lines += ["", f"## Profile: {shape} {adapter} ({prof['modules']} modules, warm cache, in-process)", "",
-                  "An instrumented copy of `ddiscan.scan`'s loop (same calls, timed one by one; the sketch "
-                  "steps re-implement `spectral.randomized_basis` to split matmuls from QRs):", "",
+        lines += [f"## Profile: {shape} {adapter} ({prof['modules']} modules, warm cache, in-process)", "",
+                  "An instrumented copy of `ddiscan.scan`'s loop with the subspace kernel of ddiscan 0.1 "
+                  "(same calls, timed one by one; Householder QRs, to split matmuls from QRs):", "",
                   "| step | total s | per module ms | share |", "| --- | --- | --- | --- |"]
         for name, secs in sorted(prof["steps"].items(), key=lambda kv: -kv[1]):
             share = "" if name in prof["aside"] else f"{100 * secs / prof['total']:.0f}%"
             lines.append(f"| {name.strip()} | {secs:.2f} | {1000 * secs / prof['modules']:.1f} | {share} |")
         lines += [f"| **total** | {prof['total']:.2f} | {1000 * prof['total'] / prof['modules']:.1f} | |", "",
                   f"cProfile of `ddiscan.scan` as it is now (in-process wall {prof['scan_wall_inprocess']:.2f} s), "
-                  "top functions by own time:", "", "```", *prof["cprofile"], "```"]
-    return "\n".join(lines) + "\n"
+                  "top functions by own time:", "", "```", *prof["cprofile"], "```", ""]
+    return lines
+
+
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the text between ``begin`` and ``end`` in ``path`` by ``section`` (which carries
+    them), or append it: the other scripts' sections of RESULTS.md stay as they are."""
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -838,14 +971,23 @@ def main(argv=None) -> int:
                         help="blocks of the 8b shape whose exact O is computed ('all' for every one)")
     parser.add_argument("--ref-blocks-1b", default="0,5,10,15",
                         help="blocks of the 1b shape whose exact O is computed ('all' for every one)")
-    parser.add_argument("--profile", default="1b:r8-qkvo,1b:r64-all", help="SHAPE:ADAPTER list to profile")
+    parser.add_argument("--sketch", default=",".join(KERNELS),
+                        help="comma-separated kernels to run side by side, the first also for the torch path "
+                        f"(default {','.join(KERNELS)})")
+    parser.add_argument("--profile", default="", help="SHAPE:ADAPTER list for the per-step profile of "
+                        "ddiscan 0.1's subspace loop")
+    parser.add_argument("--profile-ratio", default="1b:r64-all",
+                        help="SHAPE:ADAPTER list to time scans from a `ddiscan profile` against from the base")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--generate-only", action="store_true")
-    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     parser.add_argument("--render-only", action="store_true",
                         help="rewrite --out from the last run's results-<shape>.json (also a partial one)")
     args = parser.parse_args(argv)
     args.exact_on = set(filter(None, args.exact_on.split(",")))
+    args.sketch = [k for k in args.sketch.split(",") if k]
+    if not args.sketch or set(args.sketch) - set(KERNELS):
+        parser.error(f"--sketch: a comma-separated list of {', '.join(KERNELS)}")
+    args.profile_ratio = set(filter(None, args.profile_ratio.split(",")))
     args.ref_blocks = {s: None if v == "all" else [int(b) for b in v.split(",")]
                        for s, v in (("1b", args.ref_blocks_1b), ("8b", args.ref_blocks_8b))}
     shapes = ["1b", "8b"] if args.shape == "all" else [args.shape]
@@ -857,7 +999,7 @@ def main(argv=None) -> int:
         data = json.loads((root / f"results-{args.shape}.json").read_text())
         profiles = {tuple(k.split(":")): v for k, v in data["profiles"].items()}
         text = render(data["results"], profiles, data["info"], data.get("can_drop", True), data.get("elapsed", 0))
-        args.out.write_text(text)
+        write_section(args.out, text)
         print(text)
         return 0
 
@@ -884,9 +1026,7 @@ def main(argv=None) -> int:
                  "profiles": {f"{s}:{a}": v for (s, a), v in profiles.items()}}, indent=1, default=str))
     text = render(results, profiles, info, can_drop, time.perf_counter() - started)
     print(text)
-    if args.append and args.out.exists():
-        text = args.out.read_text() + "\n---\n\n" + text
-    args.out.write_text(text)
+    write_section(args.out, text)
     return 0
 
 
