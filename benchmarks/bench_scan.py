@@ -26,23 +26,28 @@ Then it measures, per shape and adapter (see ``--help`` for the knobs):
 * read floor — time to read exactly the targeted base tensors' bytes once (``readinto``),
   warm page cache (median) and cold (after ``echo 3 > /proc/sys/vm/drop_caches``, if
   allowed);
-* compute floor — the sketch's matrix products alone on float32 copies in memory: W0 Ω,
-  ``p`` power iterations (W0ᵀY, W0Z; a scalar rescale in place of each QR), Q₀ᵀ W0, with
-  ddiscan's t = r, q = 8 and p = DEFAULT_POWER_ITERS; timed once per distinct (d, k, t)
-  (best of 5) × its count; also the same with numpy's Householder QRs and small SVD;
-* ``ddiscan report`` as a subprocess — wall, CPU (user+sys) and peak RSS from ``wait4``;
-  warm (median) and cold; ``--exact`` once where asked (``--exact-on``);
+* for each kernel of ``--sketch`` (default both, ``krylov`` and ``subspace``, side by side at
+  their default iterations): the compute floor — the products that kernel makes with W0 alone
+  (block Krylov: W0 Ω, W0ᵀ Q₀, per iteration W0 (W0ᵀ Qᵢ) and W0ᵀ Qᵢ₊₁, the t-wide residual;
+  subspace iteration: W0 Ω, per iteration W0ᵀ Y and W0 Z, W0ᵀ Q, the residual; a scalar
+  rescale in place of each orthogonalisation) as plain NumPy matmuls on float32 copies in
+  memory, with ddiscan's t = r, q = 8; timed once per distinct (d, k, t) (best of 5) × its
+  count; and ddiscan's own kernel on the same copies;
+* ``ddiscan report --sketch KERNEL`` as a subprocess — wall, CPU (user+sys) and peak RSS
+  from ``wait4``; warm (median) and cold; ``--exact`` once where asked (``--exact-on``);
+* scans from a profile (``--profile-ratio``): ``ddiscan profile BASE`` once, then ``ddiscan
+  report PROFILE ADAPTER`` against the scan from the base, and a cProfile of it;
 * the torch path a user would write instead (subprocess): ``LlamaForCausalLM`` in bfloat16
   + ``PeftModel.from_pretrained``, then per LoRA layer ΔW = s·B·A, Q_t from
   ``torch.svd_lowrank(W0, q=t+8, niter=p)`` (exact: ``torch.linalg.svd``), S, O, M;
 * accuracy — max |O − O_exact| over modules, O_exact from W0's top-t left singular vectors
   in float64 (eigh of the smaller Gram matrix; checked against ``ddiscan --exact``), on
   every module or on a sample of blocks (``--ref-blocks``);
-* a per-module profile of ddiscan's loop (an instrumented copy of the steps of
-  ``ddiscan.scan``/``ddiscan.spectral.randomized_basis``) and a cProfile of ``ddiscan.scan``
-  itself.
+* where asked (``--profile``), a per-module profile of ddiscan 0.1's subspace loop (an
+  instrumented copy of its steps) and a cProfile of ``ddiscan.scan`` itself.
 
-Results: a table on stdout, ``--out`` (Markdown), and the raw numbers as JSON in the cache
+Results: a table on stdout, ``--out`` (Markdown: this script's section, between its markers;
+the rest of the file stays), and the raw numbers as JSON in the cache
 directory (``results-<shape>.json``).
 """
 
