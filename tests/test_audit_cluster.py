@@ -130,18 +130,7 @@ def test_a_worker_killed_mid_audit_is_survived(collection, cluster, tmp_path):
     reference = tmp_path / "reference.sqlite"
     assert run(audit_args(collection, reference, cluster)).returncode == 0
     db = tmp_path / "audit.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "0", *audit_args(collection, db, cluster)], env=ENV,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + WAIT
-        while not _rows(db):
-            assert time.monotonic() < deadline and proc.poll() is None, "no row was committed"
-            time.sleep(0.05)
-        at_kill = _rows(db)
-        cluster.workers[0].send_signal(signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=WAIT)
-    finally:
-        proc.kill()
+    proc, stderr, at_kill = _kill_mid_audit(collection, db, cluster, cluster.workers[0])
     assert proc.returncode == 0, stderr
     assert cluster.workers[0].wait(timeout=WAIT) == -signal.SIGKILL
     assert at_kill < _rows(reference)  # the kill came before the audit's end
@@ -153,17 +142,7 @@ def test_a_scheduler_killed_mid_audit_then_rerun_on_a_new_cluster_gives_the_same
     reference = tmp_path / "reference.sqlite"
     assert run(audit_args(collection, reference, cluster)).returncode == 0
     db = tmp_path / "audit.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "0", *audit_args(collection, db, cluster)], env=ENV,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + WAIT
-        while not _rows(db):
-            assert time.monotonic() < deadline and proc.poll() is None, "no row was committed"
-            time.sleep(0.05)
-        cluster.procs[0].send_signal(signal.SIGKILL)  # the scheduler
-        _, stderr = proc.communicate(timeout=2 * WAIT)
-    finally:
-        proc.kill()
+    proc, stderr, _ = _kill_mid_audit(collection, db, cluster, cluster.procs[0])  # procs[0]: the scheduler
     assert cluster.procs[0].wait(timeout=WAIT) == -signal.SIGKILL
     assert proc.returncode not in (0, -signal.SIGKILL), stderr
     errors = [line for line in stderr.splitlines() if line.startswith("Error: ")]
@@ -196,6 +175,24 @@ def test_a_client_killed_after_each_commit_then_rerun_gives_the_same_database(co
         again = run(audit_args(collection, db, cluster))
         assert again.returncode == 0, again.stderr
         assert content(db) == content(reference), f"killed after commit {n}"
+
+
+def _kill_mid_audit(collection, db: Path, cluster: Cluster, victim: subprocess.Popen):
+    """Run the audit into ``db`` and SIGKILL ``victim`` once its first row is committed; the
+    audit's process (finished), its stderr, and the rows there were at the kill."""
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, "0", *audit_args(collection, db, cluster)], env=ENV,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while not _rows(db):
+            assert time.monotonic() < deadline and proc.poll() is None, "no row was committed"
+            time.sleep(0.05)
+        at_kill = _rows(db)
+        victim.send_signal(signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=2 * WAIT)
+    finally:
+        proc.kill()
+    return proc, stderr, at_kill
 
 
 def _rows(db: Path) -> int:
