@@ -28,7 +28,7 @@ import numpy as np
 from .blas import one_thread
 from .spectral import _cholesky_upper, orthonormalize
 
-__all__ = ["Ritz", "subspace_iteration", "block_krylov", "rayleigh_ritz", "error_bar"]
+__all__ = ["Ritz", "subspace_iteration", "block_krylov", "rayleigh_ritz", "error_bar", "other_side"]
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,16 @@ class Ritz:
     values : numpy.ndarray, float64
         Every Ritz value θ₁ ≥ … ≥ θ_m of W0 in the basis (m ≥ t).
     residual : float
-        ‖W0 W0ᵀ left − left Θ_t²‖₂.
+        ‖R‖₂, R = W0 W0ᵀ X − X Θ_t² for the t Ritz vectors X of the iterated ``side``
+        (W0ᵀ W0 on the right side).
     complete : bool
         Whether the basis has min(d, k) columns, so that no singular value lies outside it.
+    prefix : numpy.ndarray, float64, shape (t,), optional
+        Upper bounds of ‖R[:, :j]‖₂ for j = 1 … t (the last is ``residual``): the residual
+        of the top-j Ritz vectors, for the error bar of a smaller t (profiles).
+    side : {"left", "right"}
+        The singular subspace the kernel iterated on (and whose vectors ``residual`` is of);
+        the other side's error bar follows from it by :func:`other_side`.
     """
 
     left: object
@@ -54,8 +61,38 @@ class Ritz:
     values: np.ndarray
     residual: float
     complete: bool
+    prefix: np.ndarray | None = None
+    side: str = "left"
 
-    def error_bar(self) -> tuple[float | None, float]:
+    def error_bar(self, t: int | None = None, *, side: str = "left") -> tuple[float | None, float]:
+        """(gap, error) of :func:`error_bar` for the top ``t`` (default all) Ritz vectors of
+        ``side``: the error bar of O for a basis of that side."""
+        t = self.left.shape[1] if t is None else t
+        residual = self.residual if self.prefix is None or t == len(self.prefix) else float(self.prefix[t - 1])
+        gap, error = error_bar(self.values, residual, t=t, complete=self.complete)
+        return gap, error if side == self.side else other_side(error)
+
+
+def other_side(error: float) -> float:
+    """The error bar of the other side's basis, X' = orth(W0ᵀ X) (or orth(W0 X)), from
+    ``error`` ≥ ‖sin Θ(X, X_exact)‖₂: tan Θ' ≤ (σ_{t+1}/σ_t) tan Θ ≤ tan Θ, so
+    ‖sin Θ'‖₂ ≤ e / √(1 − e²) (SPEC.md §2); 1 where e ≥ 1/√2."""
+    if error * error >= 0.5:
+        return 1.0
+    return min(1.0, error / math.sqrt(1.0 - error * error))
+
+
+def prefix_norms(gram, norm: float) -> np.ndarray:
+    """Upper bounds of ‖R[:, :j]‖₂ (j = 1 … t) from RᵀR (t × t, float64) and ‖R‖₂:
+    min(‖R‖₂, ‖R[:, :j]‖_F), the last exactly ‖R‖₂."""
+    diagonal = np.clip(np.diagonal(np.asarray(gram, dtype=np.float64)), 0.0, None)
+    bounds = np.minimum(np.sqrt(np.cumsum(diagonal)), norm)
+    if bounds.size:
+        bounds[-1] = norm
+    return bounds
+
+
+def error_bar(self) -> tuple[float | None, float]:
         """(gap, error) of :func:`error_bar`."""
         return error_bar(self.values, self.residual, t=self.left.shape[1], complete=self.complete)
 
@@ -234,9 +271,11 @@ def rayleigh_ritz(w0, basis, rows, *, t: int, xp, right: bool = False) -> Ritz:
     with np.errstate(over="ignore", invalid="ignore"):
         residual = w0 @ image - left * xp.astype(xp.asarray(ritz[:t] ** 2), left.dtype)
         wide_residual = xp.astype(residual, xp.float64)
-        norm = _spectral_norm(xp.linalg.matrix_transpose(wide_residual) @ wide_residual, xp=xp)
+        residual_gram = xp.linalg.matrix_transpose(wide_residual) @ wide_residual
+        norm = _spectral_norm(residual_gram, xp=xp)
     other = xp.astype(orthonormalize(wide @ rotation, xp=xp), w0.dtype) if right else None
-    return Ritz(left=left, right=other, values=ritz, residual=norm, complete=basis.shape[1] >= min(w0.shape))
+    return Ritz(left=left, right=other, values=ritz, residual=norm, complete=basis.shape[1] >= min(w0.shape),
+                prefix=prefix_norms(_to_numpy(residual_gram), norm))
 
 
 def _spectral_norm(gram, *, xp) -> float:

@@ -155,3 +155,32 @@ def test_small_dense_problems_run_on_one_blas_thread():
         with spectral.one_thread():
             assert {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"} == {1}
         assert all(lib["num_threads"] >= 1 for lib in threadpool_info() if lib["user_api"] == "blas")
+
+
+@settings(derandomize=True, max_examples=25, deadline=None)
+@given(st.integers(0, 2**31), st.integers(4, 12), st.floats(1.05, 2.0), st.sampled_from(["krylov", "subspace"]))
+def test_the_error_bar_of_a_smaller_t_and_of_the_right_basis_hold(seed, t, gap, kernel):
+    """What a profile keeps for a scan with a smaller t (the prefix residuals) and for a
+    transposed module (the right basis, by other_side) bounds |O − O_exact| there too."""
+    d, k = 160, 120
+    w0 = with_spectrum(seed, d, k, flat(k, t // 2, gap, 0.99)).astype(np.float32)
+    u, _, vt = np.linalg.svd(w0.astype(np.float64))
+    sketch = Sketch(seed=seed % 5, kernel=kernel, krylov_iters=3, power_iters=3)
+    ritz, _ = dominant_subspace(w0, t=t, sketch=sketch, xp=np, right=True)
+    assert ritz.prefix.shape == (t,) and ritz.prefix[-1] == ritz.residual
+    assert np.all(np.diff(ritz.prefix) >= -1e-12)
+    rng = np.random.default_rng(seed)
+    for size in (t // 2, t):
+        _, error = ritz.error_bar(size)
+        up, down = straddling(rng, u, size, 2, k)
+        assert abs(o_of(ritz.left[:, :size], up, down) - o_of(u[:, :size], up, down)) <= error + 1e-6
+    _, right_error = ritz.error_bar(t, side="right")
+    assert right_error >= ritz.error_bar(t)[1]
+    up, down = straddling(rng, vt.T, t, 2, d)
+    assert abs(o_of(ritz.right, up, down) - o_of(vt.T[:, :t], up, down)) <= right_error + 1e-6
+
+
+def test_other_side_grows_the_error_bar_as_tan_does():
+    assert krylov.other_side(0.0) == 0.0
+    assert krylov.other_side(0.6) == pytest.approx(0.75)
+    assert krylov.other_side(0.71) == 1.0 and krylov.other_side(1.0) == 1.0
