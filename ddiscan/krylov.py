@@ -92,11 +92,6 @@ def prefix_norms(gram, norm: float) -> np.ndarray:
     return bounds
 
 
-def error_bar(self) -> tuple[float | None, float]:
-        """(gap, error) of :func:`error_bar`."""
-        return error_bar(self.values, self.residual, t=self.left.shape[1], complete=self.complete)
-
-
 def error_bar(values, residual: float, *, t: int, complete: bool) -> tuple[float | None, float]:
     """The gap θ_t / θ_{t+1} and an a-posteriori estimate of |O − O_exact| (SPEC.md §2).
 
