@@ -17,14 +17,17 @@ def one_thread():
     BLAS's thread count is one setting for the whole process, so contexts entered from
     several threads at once (an audit's in-process workers) share one limit, set by the
     first to enter and restored by the last to leave."""
-    global _CONTROLLER, _DEPTH, _LIMIT
+    global _LIBRARIES, _DEPTH, _SAVED
     with _LOCK:
-        if _CONTROLLER is None:
+        if _LIBRARIES is None:
             from threadpoolctl import ThreadpoolController
 
-            _CONTROLLER = ThreadpoolController()
-        if _DEPTH == 0:
-            _LIMIT = _CONTROLLER.limit(limits=1, user_api="blas")
+            _LIBRARIES = ThreadpoolController().select(user_api="blas").lib_controllers
+        if _DEPTH == 0:  # a direct call per library: a context costs microseconds, not a threadpool query
+            _SAVED = [(lib, lib.num_threads) for lib in _LIBRARIES]
+            for lib, threads in _SAVED:
+                if threads != 1:
+                    lib.set_num_threads(1)
         _DEPTH += 1
     try:
         yield
@@ -32,10 +35,12 @@ def one_thread():
         with _LOCK:
             _DEPTH -= 1
             if _DEPTH == 0:
-                _LIMIT.restore_original_limits()
-                _LIMIT = None
+                for lib, threads in _SAVED:
+                    if threads != 1:
+                        lib.set_num_threads(threads)
+                _SAVED = []
 
 
-_CONTROLLER = None
+_LIBRARIES = None
 _LOCK = threading.Lock()
-_DEPTH, _LIMIT = 0, None
+_DEPTH, _SAVED = 0, []

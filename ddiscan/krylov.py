@@ -15,108 +15,31 @@ References
    approximate singular value decomposition", NeurIPS 2015 (Algorithm 2).
 .. [3] J. A. Tropp, R. J. Webber, "Randomized algorithms for low-rank matrix
    approximation: design, analysis, and applications", arXiv:2306.12418, 2023 (§11, block Krylov).
-.. [4] G. W. Stewart, J.-G. Sun, "Matrix Perturbation Theory", 1990 (Davis–Kahan sin Θ theorem).
+
+The :class:`~ddiscan.ritz.Ritz` they return and its error bar are in :mod:`ddiscan.ritz`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from .blas import one_thread
+from .ritz import Ritz, error_bar, other_side, prefix_norms
 from .spectral import _cholesky_upper, orthonormalize
 
 __all__ = ["Ritz", "subspace_iteration", "block_krylov", "rayleigh_ritz", "error_bar", "other_side"]
 
 
-@dataclass(frozen=True)
-class Ritz:
-    """The top-t Ritz vectors of W0 in a sketched basis, and what their error bar needs.
-
-    Attributes
-    ----------
-    left : array, shape (d, t)
-        Orthonormal Ritz vectors, ordered by Ritz value.
-    right : array, shape (k, t) or None
-        The matching right basis, span(W0ᵀ left) (only when asked for).
-    values : numpy.ndarray, float64
-        Every Ritz value θ₁ ≥ … ≥ θ_m of W0 in the basis (m ≥ t).
-    residual : float
-        ‖R‖₂, R = W0 W0ᵀ X − X Θ_t² for the t Ritz vectors X of the iterated ``side``
-        (W0ᵀ W0 on the right side).
-    complete : bool
-        Whether the basis has min(d, k) columns, so that no singular value lies outside it.
-    prefix : numpy.ndarray, float64, shape (t,), optional
-        Upper bounds of ‖R[:, :j]‖₂ for j = 1 … t (the last is ``residual``): the residual
-        of the top-j Ritz vectors, for the error bar of a smaller t (profiles).
-    side : {"left", "right"}
-        The singular subspace the kernel iterated on (and whose vectors ``residual`` is of);
-        the other side's error bar follows from it by :func:`other_side`.
-    """
-
-    left: object
-    right: object
-    values: np.ndarray
-    residual: float
-    complete: bool
-    prefix: np.ndarray | None = None
-    side: str = "left"
-
-    def error_bar(self, t: int | None = None, *, side: str = "left") -> tuple[float | None, float]:
-        """(gap, error) of :func:`error_bar` for the top ``t`` (default all) Ritz vectors of
-        ``side``: the error bar of O for a basis of that side."""
-        t = self.left.shape[1] if t is None else t
-        residual = self.residual if self.prefix is None or t == len(self.prefix) else float(self.prefix[t - 1])
-        gap, error = error_bar(self.values, residual, t=t, complete=self.complete)
-        return gap, error if side == self.side else other_side(error)
+def _transposed(w0, xp):
+    """W0ᵀ: ``w0.mT`` (arrays of the array API, and :mod:`ddiscan.panels` operators)."""
+    return w0.mT if hasattr(w0, "mT") else xp.linalg.matrix_transpose(w0)
 
 
-def other_side(error: float) -> float:
-    """The error bar of the other side's basis, X' = orth(W0ᵀ X) (or orth(W0 X)), from
-    ``error`` ≥ ‖sin Θ(X, X_exact)‖₂: tan Θ' ≤ (σ_{t+1}/σ_t) tan Θ ≤ tan Θ, so
-    ‖sin Θ'‖₂ ≤ e / √(1 − e²) (SPEC.md §2); 1 where e ≥ 1/√2."""
-    if error * error >= 0.5:
-        return 1.0
-    return min(1.0, error / math.sqrt(1.0 - error * error))
-
-
-def prefix_norms(gram, norm: float) -> np.ndarray:
-    """Upper bounds of ‖R[:, :j]‖₂ (j = 1 … t) from RᵀR (t × t, float64) and ‖R‖₂:
-    min(‖R‖₂, ‖R[:, :j]‖_F), the last exactly ‖R‖₂."""
-    diagonal = np.clip(np.diagonal(np.asarray(gram, dtype=np.float64)), 0.0, None)
-    bounds = np.minimum(np.sqrt(np.cumsum(diagonal)), norm)
-    if bounds.size:
-        bounds[-1] = norm
-    return bounds
-
-
-def error_bar(values, residual: float, *, t: int, complete: bool) -> tuple[float | None, float]:
-    """The gap θ_t / θ_{t+1} and an a-posteriori estimate of |O − O_exact| (SPEC.md §2).
-
-    Whatever ΔW, |O − O_exact| ≤ ‖Q_tQ_tᵀ − U_tU_tᵀ‖₂ = ‖sin Θ(Q_t, U_t)‖₂. Rayleigh–Ritz
-    leaves Q_t uncoupled from the other Ritz vectors of the basis, so Q_t's residual R
-    (orthogonal to the basis) couples it only to the rest of the space, where W0 W0ᵀ is
-    estimated to be at most θ_m², the smallest Ritz value; by the Davis–Kahan theorem [4]_
-    ‖sin Θ‖₂ ≤ ‖R‖₂ / (θ_t² − θ_m²) when that estimate holds. It is an estimate, not a
-    bound (θ_m underestimates what lies outside; benchmarks/KRYLOV.md and the tests measure
-    how often it is exceeded). 1 (nothing known) when θ_t² ≤ θ_m², or when the basis is t
-    wide and incomplete; the gap is None where θ_{t+1} is 0 or not seen.
-    """
-    theta = float(values[t - 1])
-    following = float(values[t]) if len(values) > t else None
-    gap = theta / following if following else None
-    if complete:
-        outside = 0.0
-    elif following is None:
-        return None, 1.0
-    else:
-        outside = float(values[-1])
-    delta = (theta - outside) * (theta + outside)
-    if not math.isfinite(residual) or delta <= 0:
-        return gap, 1.0
-    return gap, min(1.0, residual / delta)
+def _peak(w0, xp) -> float:
+    """max |W0|: an operator's own ``peak()``, else from the array."""
+    return float(w0.peak()) if hasattr(w0, "peak") else float(xp.max(xp.abs(w0)))
 
 
 def _sample(w0, omega, *, xp):
@@ -125,7 +48,7 @@ def _sample(w0, omega, *, xp):
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below, not printed
         sample = w0 @ omega
     if not bool(xp.all(xp.isfinite(sample))):
-        w0 = w0 / xp.max(xp.abs(w0))
+        w0 = w0 / _peak(w0, xp)
         sample = w0 @ omega
     return w0, sample
 
@@ -152,7 +75,7 @@ def subspace_iteration(w0, omega, *, t: int, power_iters: int, xp, right: bool =
     gives the residual).
     """
     w0, sample = _sample(w0, omega, xp=xp)
-    w0_t = xp.linalg.matrix_transpose(w0)
+    w0_t = _transposed(w0, xp)
     for _ in range(power_iters):
         sample = w0 @ (w0_t @ orthonormalize(sample, xp=xp, passes=1))
     basis = orthonormalize(sample, xp=xp)
@@ -162,7 +85,10 @@ def subspace_iteration(w0, omega, *, t: int, power_iters: int, xp, right: bool =
 def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> Ritz:
     """Ritz vectors from the block Krylov space of W0 W0ᵀ started at W0 Ω [2]_ [3]_ (SPEC.md §2).
 
-    Q spans K = [Y, (W0W0ᵀ) Y, …, (W0W0ᵀ)^iters Y], Y = W0 Ω, built one block at a time:
+    On the smaller side of W0: for d ≤ k, Q spans K = [Y, (W0W0ᵀ) Y, …, (W0W0ᵀ)^iters Y],
+    Y = W0 Ω, built one block at a time (for d > k the same on W0ᵀ, in R^k, whose Ritz
+    vectors are W0's right ones; W0's left ones are then the normalised columns of W0 V_t,
+    which the residual needs anyway, and ``side`` is "right"):
     each new block W0 (W0ᵀ Q_i) is orthogonalised against all earlier blocks by block
     Gram–Schmidt twice (BCGS2 [5]_), each pass followed by Cholesky QR, which keeps Q
     orthonormal in float32 (benchmarks/KRYLOV.md measures it against a shifted Cholesky QR
@@ -174,7 +100,7 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
     Parameters
     ----------
     w0 : array, shape (d, k)
-    omega : array, shape (k, b)
+    omega : array, shape (max(d, k), b)
         Test matrix (the block size b ≥ t), in w0's namespace and dtype.
     t : int
     iters : int
@@ -185,8 +111,9 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
     Notes
     -----
     The same 3 + 2 · ``iters`` products with W0 or W0ᵀ as :func:`subspace_iteration` with
-    ``power_iters = iters``, each O(d k b); on top, orthogonalisation O(d (iters · b)² ·
-    iters) and an m × m eigenproblem, m = (iters + 1) b. On slowly decaying spectra it
+    ``power_iters = iters``, each O(d k b); on top, orthogonalisation O(n (iters · b)² ·
+    iters) with n = min(d, k), the m × m matrix of Rayleigh–Ritz O(max(d, k) m²) and its
+    eigenproblem O(m³), m = (iters + 1) b. On slowly decaying spectra it
     reaches a given accuracy in O(1/√ε) iterations where subspace iteration needs
     O(1/ε) [2]_.
 
@@ -198,33 +125,63 @@ def block_krylov(w0, omega, *, t: int, iters: int, xp, right: bool = False) -> R
        QR for computing the QR factorization of ill-conditioned matrices", SIAM J. Sci.
        Comput. 42(1), 2020.
     """
+    if w0.shape[0] <= w0.shape[1]:
+        return _left_krylov(w0, omega, t=t, iters=iters, xp=xp, right=right)
+    ritz = _left_krylov(_transposed(w0, xp), omega, t=t, iters=iters, xp=xp, right=True)
+    return Ritz(left=ritz.right, right=ritz.left if right else None, values=ritz.values, residual=ritz.residual,
+                complete=ritz.complete, prefix=ritz.prefix, side="right")
+
+
+def _left_krylov(w0, omega, *, t: int, iters: int, xp, right: bool) -> Ritz:
+    """:func:`block_krylov` on the left side of ``w0``, whatever its shape."""
     w0, sample = _sample(w0, omega, xp=xp)
-    w0_t = xp.linalg.matrix_transpose(w0)
-    blocks = [orthonormalize(sample, xp=xp)]
-    rows = [w0_t @ blocks[0]]
-    width, limit = blocks[0].shape[1], min(w0.shape)
+    w0_t = _transposed(w0, xp)
+    (d, k), limit = w0.shape, min(w0.shape)
+    first = orthonormalize(sample, xp=xp)
+    b = first.shape[1]
+    size = min(limit, b * (iters + 1))
+    basis, rows = xp.empty((d, size), dtype=first.dtype), xp.empty((k, size), dtype=first.dtype)
+    gram = xp.zeros((size, size), dtype=xp.float64)  # QᵀW0W0ᵀQ, from the Gram–Schmidt coefficients
+    basis[:, :b], rows[:, :b] = first, w0_t @ first
+    start, width = 0, b
     for _ in range(iters):
-        if width >= limit:
+        if width + b > size:  # the last block would be cut to fit: no recurrence for its coefficients
+            gram = None
+        if width >= size:
             break
-        grown = w0 @ rows[-1]
-        block = _next_block(xp.concat(blocks, axis=1), grown[:, :min(limit - width, grown.shape[1])], xp=xp)
-        if block is None:
+        grown = w0 @ rows[:, start:width]  # W0W0ᵀ Q_i
+        step = _next_block(basis[:, :width], grown[:, :min(size - width, grown.shape[1])], xp=xp)
+        if step is None:
             break
-        blocks.append(block)
-        rows.append(w0_t @ block)
-        width += block.shape[1]
-    return rayleigh_ritz(w0, xp.concat(blocks, axis=1), xp.concat(rows, axis=1), t=t, xp=xp, right=right)
+        block, projection, link = step
+        if gram is not None:  # W0W0ᵀ Q_i = Q · projection + Q_{i+1} · link
+            gram[:width, start:width], gram[width:width + b, start:width] = projection, link
+        start, width = width, width + block.shape[1]
+        basis[:, start:width], rows[:, start:width] = block, w0_t @ block
+    if gram is not None:
+        gram = _completed(gram[:width, :width], rows[:, :width], start, xp=xp)
+    return rayleigh_ritz(w0, basis[:, :width], rows[:, :width], t=t, xp=xp, right=right, gram=gram)
+
+
+def _completed(gram, rows, start: int, *, xp):
+    """The Rayleigh–Ritz matrix QᵀW0W0ᵀQ from the recurrence's columns and the last block's
+    column (W0ᵀQ)ᵀ(W0ᵀQ_last), made symmetric."""
+    gram[:, start:] = xp.astype(xp.linalg.matrix_transpose(rows) @ rows[:, start:], xp.float64)
+    return (gram + xp.linalg.matrix_transpose(gram)) * 0.5
 
 
 def _next_block(basis, block, *, xp, shifted: bool = False):
-    """``block`` orthogonalised against the orthonormal ``basis`` and orthonormalised: block
-    Gram–Schmidt twice, each pass followed by Cholesky QR; None when the block has no new
-    direction (a Gram matrix not positive definite). ``shifted`` makes the first Cholesky QR
-    a shifted one [6]_, which cannot fail on an ill-conditioned block: benchmarks/KRYLOV.md
-    measured it less accurate in float32, so the kernel does not use it."""
-    basis_t = xp.linalg.matrix_transpose(basis)
+    """``block`` X orthogonalised against the orthonormal ``basis`` Q and orthonormalised:
+    block Gram–Schmidt twice, each pass followed by Cholesky QR. Returns (Q', P, F) with
+    X = Q P + Q' F (P: coefficients in the basis, F upper triangular), or None when the block
+    has no new direction (a Gram matrix not positive definite). ``shifted`` makes the first
+    Cholesky QR a shifted one [6]_, which cannot fail on an ill-conditioned block:
+    benchmarks/KRYLOV.md measured it less accurate in float32, so the kernel does not use it."""
+    basis_t = _transposed(basis, xp)
+    projection = factor = None
     for shifted in (shifted, False):
-        block = block - basis @ (basis_t @ block)
+        coefficients = basis_t @ block
+        block = block - basis @ coefficients
         gram = xp.astype(xp.linalg.matrix_transpose(block) @ block, xp.float64)
         if shifted:
             gram = gram + _shift(gram, rows=block.shape[0], dtype=block.dtype, xp=xp)
@@ -234,7 +191,12 @@ def _next_block(basis, block, *, xp, shifted: bool = False):
         with one_thread():
             inverse = xp.linalg.inv(upper)
         block = block @ xp.astype(inverse, block.dtype)
-    return block
+        coefficients = xp.astype(coefficients, xp.float64)
+        if factor is None:
+            projection, factor = coefficients, upper
+        else:  # X = Q P + Y F and Y = Q C + Q' R: X = Q (P + C F) + Q' (R F)
+            projection, factor = projection + coefficients @ factor, upper @ factor
+    return block, projection, factor
 
 
 def _shift(gram, *, rows: int, dtype, xp):
@@ -245,22 +207,18 @@ def _shift(gram, *, rows: int, dtype, xp):
     return scale * xp.eye(width, dtype=xp.float64)
 
 
-def rayleigh_ritz(w0, basis, rows, *, t: int, xp, right: bool = False) -> Ritz:
+def rayleigh_ritz(w0, basis, rows, *, t: int, xp, right: bool = False, gram=None) -> Ritz:
     """The top-t Ritz vectors of W0 in span(``basis``), and their residual.
 
     ``rows`` = W0ᵀ Q (k × m). The Ritz values are the square roots of the eigenvalues of
-    the m × m matrix (Qᵀ W0)(W0ᵀ Q) (in float64), Q_t = Q Ũ_t; the residual
-    R = W0 (W0ᵀ Q_t) − Q_t Θ_t² costs one product with W0 of width t, O(d k t), and its
-    norm ‖R‖₂ a t × t eigenproblem.
-    With ``right``, also span(W0ᵀ Q_t) (k × t), the top-t right singular directions.
+    the m × m matrix (Qᵀ W0)(W0ᵀ Q) (formed in the basis' dtype, in float64 where that
+    overflows; solved in float64), Q_t = Q Ũ_t; the residual R = W0 (W0ᵀ Q_t) − Q_t Θ_t²
+    costs one product with W0 of width t, O(d k t), and its norm ‖R‖₂ a t × t eigenproblem.
+    With ``right``, also span(W0ᵀ Q_t) (k × t), the top-t right singular directions: the
+    columns of W0ᵀ Q_t Θ_t⁻¹, nearly orthonormal already, orthonormalised.
     """
-    wide = xp.astype(rows, xp.float64)
-    gram = xp.linalg.matrix_transpose(wide) @ wide
-    with one_thread():
-        values, vectors = xp.linalg.eigh(gram)
-    order = xp.argsort(-values)
-    rotation = xp.take(vectors, order[:t], axis=1)
-    ritz = np.sqrt(np.clip(np.asarray(_to_numpy(xp.take(values, order))), 0.0, None))
+    values, rotation = _ritz_pairs(rows, t=t, xp=xp, gram=gram)
+    ritz = np.sqrt(np.clip(np.asarray(_to_numpy(values)), 0.0, None))
     left = basis @ xp.astype(rotation, basis.dtype)
     image = rows @ xp.astype(rotation, rows.dtype)  # W0ᵀ Q_t
     with np.errstate(over="ignore", invalid="ignore"):
@@ -268,9 +226,30 @@ def rayleigh_ritz(w0, basis, rows, *, t: int, xp, right: bool = False) -> Ritz:
         wide_residual = xp.astype(residual, xp.float64)
         residual_gram = xp.linalg.matrix_transpose(wide_residual) @ wide_residual
         norm = _spectral_norm(residual_gram, xp=xp)
-    other = xp.astype(orthonormalize(wide @ rotation, xp=xp), w0.dtype) if right else None
+    other = _normalized(image, ritz[:t], xp=xp) if right else None
     return Ritz(left=left, right=other, values=ritz, residual=norm, complete=basis.shape[1] >= min(w0.shape),
                 prefix=prefix_norms(_to_numpy(residual_gram), norm))
+
+
+def _ritz_pairs(rows, *, t: int, xp, gram=None):
+    """Every eigenvalue of ``gram`` (default rowsᵀ rows), descending (float64), and the
+    top-t eigenvectors."""
+    if gram is None or not bool(xp.all(xp.isfinite(gram))):
+        gram = xp.linalg.matrix_transpose(rows) @ rows
+    if not bool(xp.all(xp.isfinite(gram))):  # the squares overflow the dtype: form it in float64
+        wide = xp.astype(rows, xp.float64)
+        gram = xp.linalg.matrix_transpose(wide) @ wide
+    with one_thread():
+        values, vectors = xp.linalg.eigh(xp.astype(gram, xp.float64))
+    order = xp.argsort(-values)
+    return xp.take(values, order), xp.take(vectors, order[:t], axis=1)
+
+
+def _normalized(image, theta, *, xp):
+    """An orthonormal basis of span(``image``), whose columns have norms ``theta``: scaled to
+    unit columns first, so Cholesky QR meets a well-conditioned block."""
+    scale = np.where(theta > 0, 1.0 / np.where(theta > 0, theta, 1.0), 1.0)
+    return orthonormalize(image * xp.astype(xp.asarray(scale), image.dtype), xp=xp)
 
 
 def _spectral_norm(gram, *, xp) -> float:

@@ -66,10 +66,11 @@ def _fit(w0, *, t: int, sketch: Sketch, xp, right: bool, omegas: dict | None) ->
         return krylov.Ritz(left=left[:, :t], right=other, values=values, residual=0.0, complete=True)
     d, k = w0.shape
     width = min(t + sketch.oversample, d, k)
-    shape = (k, width, str(w0.dtype))
+    rows = max(d, k) if sketch.kernel == "krylov" else k  # block Krylov runs on the smaller side
+    shape = (rows, width, str(w0.dtype))
     cache = {} if omegas is None else omegas
     if shape not in cache:
-        cache[shape] = xp.astype(xp.asarray(spectral.gaussian_test_matrix(k, width, sketch.seed)), w0.dtype)
+        cache[shape] = xp.astype(xp.asarray(spectral.gaussian_test_matrix(rows, width, sketch.seed)), w0.dtype)
     if sketch.kernel == "krylov":
         return krylov.block_krylov(w0, cache[shape], t=t, iters=sketch.krylov_iters, xp=xp, right=right)
     return krylov.subspace_iteration(w0, cache[shape], t=t, power_iters=sketch.power_iters, xp=xp, right=right)

@@ -49,7 +49,7 @@ def test_block_krylov_beats_subspace_iteration_at_the_same_passes_on_a_flat_spec
         up, down = straddling(rng, left, t, 4, k)
         exact = o_of(left[:, :t], up, down)
         omega = spectral.gaussian_test_matrix(k, t + 8, seed)
-        fits = {"krylov": krylov.block_krylov(w0, omega, t=t, iters=4, xp=np),
+        fits = {"krylov": krylov.block_krylov(w0, spectral.gaussian_test_matrix(d, t + 8, seed), t=t, iters=4, xp=np),
                 "subspace": krylov.subspace_iteration(w0, omega, t=t, power_iters=4, xp=np)}
         for name, fit in fits.items():
             np.testing.assert_allclose(fit.left.T.astype(np.float64) @ fit.left, np.eye(t), atol=1e-5)
@@ -61,7 +61,7 @@ def test_the_krylov_basis_stays_orthonormal_in_float32_when_the_spectrum_decays_
     # a gap of 2 between consecutive singular values: the blocks are nearly parallel, the
     # Gram matrices ill-conditioned; shifted Cholesky QR keeps Q orthonormal
     w0 = with_spectrum(2, 120, 90, 0.5 ** np.arange(90.0)).astype(np.float32)
-    omega = spectral.gaussian_test_matrix(90, 10, 0)
+    omega = spectral.gaussian_test_matrix(120, 10, 0)
     fit = krylov.block_krylov(w0, omega, t=3, iters=4, xp=np)
     basis = fit.left.astype(np.float64)
     np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
@@ -71,7 +71,7 @@ def test_the_krylov_basis_stays_orthonormal_in_float32_when_the_spectrum_decays_
 
 def test_a_basis_that_fills_the_space_is_complete_and_exact():
     w0 = with_spectrum(3, 40, 20, flat(20, 4, 1.0, 0.99))  # no gap at all: only a complete basis pins O down
-    fit = krylov.block_krylov(w0, spectral.gaussian_test_matrix(20, 12, 0).astype(np.float64), t=4, iters=4, xp=np)
+    fit = krylov.block_krylov(w0, spectral.gaussian_test_matrix(40, 12, 0).astype(np.float64), t=4, iters=4, xp=np)
     assert fit.complete and fit.values.size == 20  # the last block cut to fit min(d, k)
     np.testing.assert_allclose(fit.values, np.linalg.svd(w0, compute_uv=False), rtol=1e-8)
 
@@ -158,26 +158,31 @@ def test_small_dense_problems_run_on_one_blas_thread():
 
 
 @settings(derandomize=True, max_examples=25, deadline=None)
-@given(st.integers(0, 2**31), st.integers(4, 12), st.floats(1.05, 2.0), st.sampled_from(["krylov", "subspace"]))
-def test_the_error_bar_of_a_smaller_t_and_of_the_right_basis_hold(seed, t, gap, kernel):
+@given(st.integers(0, 2**31), st.integers(4, 12), st.floats(1.05, 2.0), st.sampled_from(["krylov", "subspace"]),
+       st.sampled_from([(160, 120), (120, 160)]))
+def test_the_error_bar_of_a_smaller_t_and_of_the_other_basis_hold(seed, t, gap, kernel, shape):
     """What a profile keeps for a scan with a smaller t (the prefix residuals) and for a
-    transposed module (the right basis, by other_side) bounds |O − O_exact| there too."""
-    d, k = 160, 120
-    w0 = with_spectrum(seed, d, k, flat(k, t // 2, gap, 0.99)).astype(np.float32)
+    transposed module (the other side's basis, by other_side) bounds |O − O_exact| there too
+    (W0 with a gap at t/2 and at t, as the other cases have one at t)."""
+    d, k = shape
+    sigma = flat(min(d, k), t, gap, 0.99)
+    sigma[t // 2:] /= gap
+    w0 = with_spectrum(seed, d, k, sigma).astype(np.float32)
     u, _, vt = np.linalg.svd(w0.astype(np.float64))
     sketch = Sketch(seed=seed % 5, kernel=kernel, krylov_iters=3, power_iters=3)
     ritz, _ = dominant_subspace(w0, t=t, sketch=sketch, xp=np, right=True)
     assert ritz.prefix.shape == (t,) and ritz.prefix[-1] == ritz.residual
     assert np.all(np.diff(ritz.prefix) >= -1e-12)
+    assert ritz.side == ("right" if kernel == "krylov" and d > k else "left")
     rng = np.random.default_rng(seed)
     for size in (t // 2, t):
-        _, error = ritz.error_bar(size)
-        up, down = straddling(rng, u, size, 2, k)
-        assert abs(o_of(ritz.left[:, :size], up, down) - o_of(u[:, :size], up, down)) <= error + 1e-6
-    _, right_error = ritz.error_bar(t, side="right")
-    assert right_error >= ritz.error_bar(t)[1]
-    up, down = straddling(rng, vt.T, t, 2, d)
-    assert abs(o_of(ritz.right, up, down) - o_of(vt.T[:, :t], up, down)) <= right_error + 1e-6
+        for side, basis, exact, n in (("left", ritz.left, u, k), ("right", ritz.right, vt.T, d)):
+            _, error = ritz.error_bar(size, side=side)
+            up, down = straddling(rng, exact, size, 2, n)
+            assert abs(o_of(basis[:, :size], up, down) - o_of(exact[:, :size], up, down)) <= error + 1e-6
+    iterated, other = ritz.error_bar(t, side=ritz.side)[1], ritz.error_bar(t, side={"left": "right",
+                                                                                       "right": "left"}[ritz.side])[1]
+    assert other == pytest.approx(krylov.other_side(iterated))
 
 
 def test_other_side_grows_the_error_bar_as_tan_does():

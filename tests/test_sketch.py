@@ -36,7 +36,9 @@ def test_the_right_basis_and_the_test_matrix_cache():
     left, right = dominant_basis(w0, t=3, sketch=Sketch(), xp=np, right=True, omegas=omegas)
     v = np.linalg.svd(w0)[2][:3].T
     np.testing.assert_allclose(projector(right), v @ v.T, atol=1e-6)
-    assert list(omegas) == [(20, 11, "float64")]  # Ω kept per (k, width, dtype), for the next weight
+    # Ω kept per (rows, width, dtype) for the next weight: block Krylov iterates on the smaller
+    # side of this 30 × 20 W0, so Ω has max(d, k) = 30 rows
+    assert list(omegas) == [(30, 11, "float64")]
     again = dominant_basis(w0, t=3, sketch=Sketch(), xp=np, omegas=omegas)
     np.testing.assert_array_equal(again, left)
 
