@@ -150,7 +150,7 @@ def _forge(source: Path, target: Path, *, meta=None, tensors=None, drop_digest=F
             metadata[DIGEST_KEY] = stale
         save_file(data, target, metadata=metadata)
         return target
-    entries = [SafetensorsEntry(name, {"float32": "F32", "float64": "F64"}[str(a.dtype)], a.shape, a.nbytes,
+    entries = [SafetensorsEntry(name, {"float32": "F32", "float64": "F64", "int64": "I64"}[str(a.dtype)], a.shape, a.nbytes,
                                 lambda a=a: iter([np.ascontiguousarray(a).tobytes()])) for name, a in data.items()]
     _write_profile(target, entries, metadata, force=True)
     return target
