@@ -3,6 +3,7 @@
 smaller t and for the right basis (transposed weights), and version 1 profiles, which store
 no Ritz values, still scored as before."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 import ddiscan
 from ddiscan.cli import cli
 from ddiscan.profile import Profile, build_profile
+from ddiscan.profile_ritz import SIDES, packed, unpacked
+from ddiscan.sketch import Sketch, dominant_subspace
 from safetensors_builders import peft_config, save, write_peft_dir
 from test_hostile_gate import _forge
 from test_krylov import flat, straddling, with_spectrum
@@ -35,6 +38,27 @@ def test_a_profile_has_the_gap_and_error_bar_of_a_scan_of_the_base(tmp_path, ske
         assert x.deviation_error == pytest.approx(y.deviation_error, rel=1e-6, abs=1e-12)
     if sketch.get("exact"):
         assert all(m.deviation_error == 0.0 for m in via_profile.modules)
+
+
+@settings(derandomize=True, max_examples=30, deadline=None)
+@given(st.integers(0, 2**31), st.integers(1, 8), st.integers(0, 3), st.integers(0, 2),
+       st.sampled_from(["krylov", "subspace"]), st.sampled_from(SIDES))
+def test_what_a_profile_stores_gives_the_error_bar_of_every_t(seed, t, oversample, iters, kernel, side):
+    """packed → unpacked keeps Ritz.error_bar for every j ≤ t and either side, whichever side
+    the kernel iterated on, with m = t (nothing seen beyond), m = t + 1 and m > t + 1."""
+    w0 = with_spectrum(seed, 20, 12, flat(12, t, 1.3, 0.9)).astype(np.float32)
+    sketch = Sketch(seed=seed % 3, oversample=oversample, kernel=kernel, krylov_iters=iters, power_iters=iters)
+    ritz, _ = dominant_subspace(w0, t=t, sketch=sketch, xp=np, right=True)
+    ritz = dataclasses.replace(ritz, side=side)
+    stored = packed(ritz, t)
+    assert stored["ritz_info"].tolist() == [ritz.values.size, int(ritz.complete), SIDES.index(side)]
+    again = unpacked(stored["ritz"], stored["residuals"], stored["ritz_info"])
+    for j in range(1, t + 1):
+        for asked in SIDES:
+            gap, error = again.error_bar(j, side=asked)
+            want_gap, want_error = ritz.error_bar(j, side=asked)
+            assert (gap is None) == (want_gap is None) and error == pytest.approx(want_error, rel=1e-12, abs=0)
+            assert gap is None or gap == pytest.approx(want_gap, rel=1e-12)
 
 
 # one weight with a controlled gap, as a LLaMA q_proj (stored d × k) or a GPT-2 c_attn
@@ -90,6 +114,27 @@ def test_a_profile_error_bar_is_informative_where_the_gap_is_wide(tmp_path):
     stored = Profile(prof)
     assert stored.error_bar("h.0.attn.c_attn.weight", transposed=True, t=3)[1] == module.deviation_error
     assert stored.error_bar("h.0.attn.c_attn.weight", transposed=False, t=3)[1] <= module.deviation_error
+
+
+def test_a_profile_of_real_gpt2_weights_bounds_o_of_peft_conv1d_adapters(tmp_path):
+    """transformers' GPT-2 (Conv1D weights, stored in × out) and a PEFT-trained adapter with
+    fan_in_fan_out: t = 4 < max_t = 8, right bases, every error bar holds against exact."""
+    from peft import LoraConfig
+    from test_real_peft import save_pair, tiny_gpt2, train_causal_lm
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                        init_lora_weights=False)
+    base, adapter, _ = save_pair(tmp_path, tiny_gpt2(seed=3), config,
+                                 train=lambda model: train_causal_lm(model, vocab=100, steps=2))
+    prof = tmp_path / "gpt2.ddiprofile"
+    build_profile(base, prof, max_t=8, oversample=2, krylov_iters=1)
+    scanned = ddiscan.scan(prof, adapter).modules
+    exact = {m.name: m.deviation for m in ddiscan.scan(base, adapter, exact=True).modules}
+    assert len(scanned) == 8 and all(m.transposed and m.t == 4 for m in scanned)
+    for m in scanned:
+        assert m.deviation_error is not None and m.gap is not None
+        assert abs(m.deviation - exact[m.name]) <= m.deviation_error + 1e-6, m.name
+    assert any(m.deviation_error < 0.5 for m in scanned)
 
 
 def _version_1(data):
