@@ -146,16 +146,25 @@ def check_tensors(file: SafetensorsFile, weights: dict, max_t: int, version: int
 
 
 def _check_ritz(file: SafetensorsFile, arrays, names, *, t: int, size: int) -> None:
-    """The stored Ritz values θ (finite, non-negative, non-increasing), residual bounds
-    (finite, non-negative) and counts (t ≤ m ≤ min(d, k), complete only where m = min(d, k),
-    a known side) of one weight with ``t`` columns; a malformed field names its tensor."""
+    """The stored Ritz values θ (:func:`_is_spectrum`), residual bounds (finite,
+    non-negative) and counts (t ≤ m ≤ min(d, k), complete only where m = min(d, k), a
+    known side) of one weight with ``t`` columns; a malformed field names its tensor."""
     values, residuals, (count, complete, side) = arrays
     checks = (
-        bool(np.all(np.isfinite(values)) and np.all(values >= 0)
-             and np.all(np.diff(values) <= 1e-9 * values[0])),
+        _is_spectrum(values),
         bool(np.all(np.isfinite(residuals)) and np.all(residuals >= 0)),
         t <= count <= size and complete in (0, 1) and (not complete or count == size) and 0 <= side < len(SIDES),
     )
     for name, ok in zip(names, checks):
         if not ok:
             raise _malformed(file.path, name)
+
+
+def _is_spectrum(values) -> bool:
+    """Finite, non-negative and non-increasing (they are copies of sorted values, so exactly:
+    every gap θ_j / θ_{j+1} is then at least 1), with every gap finite."""
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(np.diff(values) <= 0)):
+        return False
+    with np.errstate(over="ignore"):
+        gaps = values[:-1][values[1:] > 0] / values[1:][values[1:] > 0]
+    return bool(np.all(np.isfinite(gaps)))

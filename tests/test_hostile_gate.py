@@ -292,6 +292,8 @@ BAD_TENSOR = "{path}: profile tensor {name!r} is missing or not {what}; rebuild 
         (RITZ, lambda a: a[::-1].copy()),  # increasing
         (RITZ, lambda a: -a),  # negative
         (RITZ, lambda a: np.where(np.arange(6) == 5, np.inf, a)),
+        (RITZ, lambda a: np.where(np.arange(6) == 1, a[0] * (1 + 1e-12), a)),  # θ_2 > θ_1, by a hair
+        (RITZ, lambda a: np.array([1e308] * 4 + [1e-308, 0.0])),  # a gap θ_4 / θ_5 that overflows
         (RESIDUALS, lambda a: np.where(np.arange(4) == 0, -1.0, a)),
         (RESIDUALS, lambda a: np.where(np.arange(4) == 3, np.inf, a)),
         (INFO, lambda a: np.array([3, a[1], a[2]])),  # m < t
