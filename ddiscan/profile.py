@@ -3,7 +3,9 @@
 A profile (``*.ddiprofile``) is a safetensors file holding, for every weight a LoRA could
 target, an orthonormal basis of its dominant column space (``<key>:left``, rows × T), one
 of its dominant row space (``<key>:right``, columns × T), both ordered by singular value
-so that any t ≤ T is a prefix, and its Frobenius norm (``<key>:norm``); its
+so that any t ≤ T is a prefix, its Frobenius norm (``<key>:norm``) and what the error
+bar of O needs for every t ≤ T (``<key>:ritz``, ``:residuals``, ``:ritz_info``, from
+version 2: :mod:`ddiscan.profile_ritz`); its
 ``__metadata__["ddiscan.profile"]`` (JSON) holds each weight's stored shape and dtype,
 the sketch parameters, the seed, and the base files' names, sizes and sha256. It is a
 few percent of the base's size, is written one weight at a time, and is accepted
@@ -46,7 +48,8 @@ from .options import (DEFAULT_KRYLOV_ITERS, DEFAULT_OVERSAMPLE, DEFAULT_POWER_IT
                       ScanOptions)
 from .profile_check import (DIGEST_KEY, META_KEY, PROFILE_VERSION, check_tensors, checked_meta, layout,
                             verified_digest)
-from .sketch import Sketch, dominant_basis
+from .profile_ritz import packed, specs, unpacked
+from .sketch import Sketch, dominant_subspace
 
 __all__ = ["Profile", "build_profile", "is_profile", "profile_keys", "sketch_weight", "write_profile", "SUFFIX",
            "DEFAULT_EXCLUDE"]
@@ -77,7 +80,7 @@ class Profile:
         if sha256 is not None and self.sha256 != sha256.lower():
             raise InputError(f"{self.path}: profile sha256 {self.sha256} is not the pinned {sha256}")
         self.weights, self.max_t = checked_meta(self.meta, self.path), self.meta["max_t"]
-        check_tensors(self.file, self.weights, self.max_t)
+        check_tensors(self.file, self.weights, self.max_t, self.meta["version"])
 
     def keys(self):
         return self.weights.keys()
@@ -100,6 +103,15 @@ class Profile:
                              f"t={t} (rebuild the profile with a larger {{max_t}})", "max_t")
         side = "right" if transposed else "left"
         return np.asarray(self.file.array(f"{key}:{side}"))[:, :t]
+
+    def error_bar(self, key: str, *, transposed: bool, t: int) -> tuple[float | None, float | None]:
+        """(gap, error bar of O) of the basis :meth:`basis` returns (SPEC.md §2), as a scan of
+        the base has them; (None, None) from a version 1 profile, which stores no Ritz values."""
+        if self.meta["version"] < 2:
+            return None, None
+        stored = unpacked(*(np.asarray(self.file.array(name)) for name, _, _ in specs(key, self.max_t)))
+        gap, error = stored.error_bar(t, side="right" if transposed else "left")
+        return gap, 0.0 if self.meta["exact"] else error
 
     @property
     def parameters(self) -> dict:
@@ -201,16 +213,18 @@ def write_profile(index: TensorIndex, output, keys, max_t: int, sketch: Sketch, 
 
 def sketch_weight(index: TensorIndex, key: str, max_t: int, sketch: Sketch) -> dict:
     """What a profile stores for ``key``: the left and right bases (up to ``max_t``
-    columns) and the norm, as arrays."""
+    columns), the norm and what the error bar needs (:mod:`ddiscan.profile_ritz`), as arrays."""
     dtype = np.float64 if sketch.exact else np.float32
     w0, norm = widen(index.mapped(key), dtype, encoding=index.info(key).dtype)
     w0 = w0.reshape(w0.shape[0], -1)
     t = min(max_t, *w0.shape)
     if not math.isfinite(norm):  # NaN/Inf: scans against the profile mark it non-finite
-        left, right = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t))
+        left, right, ritz = np.zeros((w0.shape[0], t)), np.zeros((w0.shape[1], t)), None
     else:
-        left, right = dominant_basis(w0, t=t, sketch=sketch, xp=np, right=True)
-    return {"left": left, "right": right, "norm": np.array([norm])}
+        ritz, _ = dominant_subspace(w0, t=t, sketch=sketch, xp=np, right=True)
+        left, right = ritz.left, ritz.right
+    return {"left": left, "right": right, "norm": np.array([norm]),
+            **packed(ritz, t, complete=t == min(w0.shape))}
 
 
 class _Sketched:
@@ -235,7 +249,7 @@ def _part(sketched, key: str, name: str, dtype: str):
 
 
 def _layout(index: TensorIndex, keys, max_t: int, sketched) -> tuple[dict, list[SafetensorsEntry]]:
-    """The profile's weight listing and its tensors (left and right bases, norm) per key."""
+    """The profile's weight listing and its tensors (left and right bases, norm, Ritz values) per key."""
     weights, entries = {}, []
     for key in keys:
         info = index.info(key)
@@ -250,6 +264,9 @@ def _layout(index: TensorIndex, keys, max_t: int, sketched) -> tuple[dict, list[
             SafetensorsEntry(f"{key}:right", "F32", (cols, t), cols * t * 4, _part(sketched, key, "right", "<f4")),
             SafetensorsEntry(f"{key}:norm", "F64", (1,), 8, _part(sketched, key, "norm", "<f8")),
         ]
+        entries += [SafetensorsEntry(name, dtype, shape, 8 * shape[0],
+                                     _part(sketched, key, name.rsplit(":", 1)[1], {"F64": "<f8", "I64": "<i8"}[dtype]))
+                    for name, dtype, shape in specs(key, t)]
     return weights, entries
 
 

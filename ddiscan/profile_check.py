@@ -13,6 +13,7 @@ from .errors import InputError
 from .io.quant import DESCRIPTION_FIELDS, FORMATS
 from .io.reader import FLOAT_DTYPES, SafetensorsFile
 from .options import SKETCHES
+from .profile_ritz import SIDES, specs
 
 __all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_digest", "checked_meta",
            "check_tensors"]
@@ -20,7 +21,7 @@ __all__ = ["META_KEY", "DIGEST_KEY", "PROFILE_VERSION", "layout", "verified_dige
 META_KEY = "ddiscan.profile"
 DIGEST_KEY = "ddiscan.profile_sha256"
 _SKETCH_FIELDS = {"oversample": 0, "power_iters": 0, "seed": 0}  # integer fields and their minimum
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: each weight's Ritz values, for the error bar of O (version 1 is still read)
 
 
 def layout(metadata: dict, tensors) -> bytes:
@@ -59,7 +60,7 @@ def _is_int(value, minimum: int) -> bool:
 
 def checked_meta(meta, path) -> dict:
     """The profile's weights, after checking every field scoring reads."""
-    if not isinstance(meta, dict) or meta.get("version") != PROFILE_VERSION:
+    if not isinstance(meta, dict) or meta.get("version") not in (1, PROFILE_VERSION):
         raise _malformed(path, "version")
     for field, minimum in {"max_t": 1, **_SKETCH_FIELDS}.items():
         if not _is_int(meta.get(field), minimum):
@@ -122,14 +123,16 @@ def _of_types(value, types) -> bool:
     return any(checks[t](value) for t in types)
 
 
-def check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
-    """Every weight's :left, :right and :norm tensors are there, with the shapes its
-    recorded shape gives, and no norm is negative."""
+def check_tensors(file: SafetensorsFile, weights: dict, max_t: int, version: int = PROFILE_VERSION) -> None:
+    """Every weight's :left, :right and :norm tensors (from version 2 also its Ritz values,
+    :mod:`ddiscan.profile_ritz`) are there, with the shapes its recorded shape gives, no
+    norm is negative and the Ritz values are what a sketch can give."""
     for key, entry in weights.items():
         rows, cols = entry["shape"][0], math.prod(entry["shape"][1:])
         t = min(max_t, rows, cols)
+        ritz = specs(key, t) if version >= 2 else []
         for name, dtype, shape in ((f"{key}:left", "F32", (rows, t)), (f"{key}:right", "F32", (cols, t)),
-                                   (f"{key}:norm", "F64", (1,))):
+                                   (f"{key}:norm", "F64", (1,)), *ritz):
             info = file.tensors.get(name)
             if info is None or info.dtype != dtype or tuple(info.shape) != shape:
                 raise InputError(f"{file.path}: profile tensor {name!r} is missing or not {dtype} {list(shape)}; "
@@ -137,3 +140,31 @@ def check_tensors(file: SafetensorsFile, weights: dict, max_t: int) -> None:
         norm = float(np.asarray(file.array(f"{key}:norm"))[0])
         if norm < 0:  # NaN or Inf is a base weight that holds one: scored as not finite
             raise InputError(f"{file.path}: {key}:norm is {norm:g}, a norm cannot be negative")
+        if ritz:
+            _check_ritz(file, [np.asarray(file.array(name)) for name, _, _ in ritz], [n for n, _, _ in ritz],
+                        t=t, size=min(rows, cols))
+
+
+def _check_ritz(file: SafetensorsFile, arrays, names, *, t: int, size: int) -> None:
+    """The stored Ritz values θ (:func:`_is_spectrum`), residual bounds (finite,
+    non-negative) and counts (t ≤ m ≤ min(d, k), complete only where m = min(d, k), a
+    known side) of one weight with ``t`` columns; a malformed field names its tensor."""
+    values, residuals, (count, complete, side) = arrays
+    checks = (
+        _is_spectrum(values),
+        bool(np.all(np.isfinite(residuals)) and np.all(residuals >= 0)),
+        t <= count <= size and complete in (0, 1) and (not complete or count == size) and 0 <= side < len(SIDES),
+    )
+    for name, ok in zip(names, checks):
+        if not ok:
+            raise _malformed(file.path, name)
+
+
+def _is_spectrum(values) -> bool:
+    """Finite, non-negative and non-increasing (they are copies of sorted values, so exactly:
+    every gap θ_j / θ_{j+1} is then at least 1), with every gap finite."""
+    if not (np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(np.diff(values) <= 0)):
+        return False
+    with np.errstate(over="ignore"):
+        gaps = values[:-1][values[1:] > 0] / values[1:][values[1:] > 0]
+    return bool(np.all(np.isfinite(gaps)))

@@ -150,7 +150,7 @@ def _forge(source: Path, target: Path, *, meta=None, tensors=None, drop_digest=F
             metadata[DIGEST_KEY] = stale
         save_file(data, target, metadata=metadata)
         return target
-    entries = [SafetensorsEntry(name, {"float32": "F32", "float64": "F64"}[str(a.dtype)], a.shape, a.nbytes,
+    entries = [SafetensorsEntry(name, {"float32": "F32", "float64": "F64", "int64": "I64"}[str(a.dtype)], a.shape, a.nbytes,
                                 lambda a=a: iter([np.ascontiguousarray(a).tobytes()])) for name, a in data.items()]
     _write_profile(target, entries, metadata, force=True)
     return target
@@ -249,6 +249,15 @@ def _replace(name, value):
     return apply
 
 
+RITZ, RESIDUALS, INFO = (f"{FAILING}.weight:{name}" for name in ("ritz", "residuals", "ritz_info"))
+
+
+def _change(name, change):
+    def apply(data):
+        data[name] = change(data[name])
+    return apply
+
+
 BAD_FIELD = "{path}: profile field {field!r} is missing or malformed; rebuild the profile"
 BAD_TENSOR = "{path}: profile tensor {name!r} is missing or not {what}; rebuild the profile"
 
@@ -272,6 +281,28 @@ BAD_TENSOR = "{path}: profile tensor {name!r} is missing or not {what}; rebuild 
     (None, _replace(f"{FAILING}.weight:left", np.zeros((32, 2), np.float32)),
      BAD_TENSOR.format(path="{path}", name=f"{FAILING}.weight:left", what="F32 [32, 4]")),
     (None, _replace(NORM, np.array([-1.0])), f"{{path}}: {NORM} is -1, a norm cannot be negative"),
+    # the Ritz values of the error bar (the fixture's v_proj is 32 × 64, stored with t = 4)
+    (None, _drop(RITZ), BAD_TENSOR.format(path="{path}", name=RITZ, what="F64 [6]")),
+    (None, _replace(RITZ, np.ones(5)), BAD_TENSOR.format(path="{path}", name=RITZ, what="F64 [6]")),
+    (None, _replace(INFO, np.array([8.0, 0.0, 0.0])), BAD_TENSOR.format(path="{path}", name=INFO, what="I64 [3]")),
+    (None, _replace(RESIDUALS, np.zeros(4, np.float32)),
+     BAD_TENSOR.format(path="{path}", name=RESIDUALS, what="F64 [4]")),
+    *[(None, _change(name, change), BAD_FIELD.format(path="{path}", field=name)) for name, change in [
+        (RITZ, lambda a: np.where(np.arange(6) == 2, np.nan, a)),  # not finite
+        (RITZ, lambda a: a[::-1].copy()),  # increasing
+        (RITZ, lambda a: -a),  # negative
+        (RITZ, lambda a: np.where(np.arange(6) == 5, np.inf, a)),
+        (RITZ, lambda a: np.where(np.arange(6) == 1, a[0] * (1 + 1e-12), a)),  # θ_2 > θ_1, by a hair
+        (RITZ, lambda a: np.array([1e308] * 4 + [1e-308, 0.0])),  # a gap θ_4 / θ_5 that overflows
+        (RESIDUALS, lambda a: np.where(np.arange(4) == 0, -1.0, a)),
+        (RESIDUALS, lambda a: np.where(np.arange(4) == 3, np.inf, a)),
+        (INFO, lambda a: np.array([3, a[1], a[2]])),  # m < t
+        (INFO, lambda a: np.array([33, a[1], a[2]])),  # m > min(d, k)
+        (INFO, lambda a: np.array([12, 1, a[2]])),  # complete with m < min(d, k)
+        (INFO, lambda a: np.array([a[0], 2, a[2]])),
+        (INFO, lambda a: np.array([a[0], a[1], 2])),  # a side neither left nor right
+        (INFO, lambda a: np.array([a[0], a[1], -1])),
+    ]],
 ])
 def test_a_tampered_profile_field_is_a_one_line_error(profile, tmp_path, meta, tensors, message):
     forged = _forge(profile, tmp_path / "forged.ddiprofile", meta=meta, tensors=tensors)

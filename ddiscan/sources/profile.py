@@ -38,16 +38,22 @@ class ProfileSource:
         return None, self.profile.norm(key)
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
-        # a profile stores no Ritz values: the error bar of its subspaces is not known
-        return Subspace(xp.asarray(self.profile.basis(key, transposed=module.transpose_base, t=t)))
+        """The stored top-t basis (the right one for a transposed weight), with the gap and
+        error bar its stored Ritz values give (None from a version 1 profile)."""
+        basis = self.profile.basis(key, transposed=module.transpose_base, t=t)
+        return Subspace(xp.asarray(basis), *self.profile.error_bar(key, transposed=module.transpose_base, t=t))
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
         """The profile's own sketch parameters replace the scan's (its subspaces are used
-        as they were sketched), with a note when they differ."""
+        as they were sketched), with a note when they differ, and one when the profile
+        (version 1) has no error bars."""
         stored = self.profile.parameters
         given = {name: parameters[name] for name in stored}
         notes = [] if given == stored else [
             f"the profile was sketched with {stored}; its subspaces are used as they are"]
+        if self.profile.meta["version"] < 2:
+            notes.append("the base profile has no error bars (written before ddiscan stored them: gap and "
+                         "deviation_error are null); rebuild it with `ddiscan profile`")
         return {**parameters, **stored}, notes
 
     def describe(self) -> dict:
