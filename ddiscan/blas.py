@@ -3,6 +3,7 @@ entered from several threads at once share (:func:`one_thread`)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager
 
@@ -17,12 +18,13 @@ def one_thread():
     BLAS's thread count is one setting for the whole process, so contexts entered from
     several threads at once (an audit's in-process workers) share one limit, set by the
     first to enter and restored by the last to leave."""
-    global _LIBRARIES, _DEPTH, _SAVED
+    global _LIBRARIES, _MODULES, _DEPTH, _SAVED
     with _LOCK:
-        if _LIBRARIES is None:
+        if _LIBRARIES is None or _MODULES != len(sys.modules):  # an import may have loaded another BLAS
             from threadpoolctl import ThreadpoolController
 
             _LIBRARIES = ThreadpoolController().select(user_api="blas").lib_controllers
+            _MODULES = len(sys.modules)
         if _DEPTH == 0:  # a direct call per library: a context costs microseconds, not a threadpool query
             _SAVED = [(lib, lib.num_threads) for lib in _LIBRARIES]
             for lib, threads in _SAVED:
@@ -41,6 +43,6 @@ def one_thread():
                 _SAVED = []
 
 
-_LIBRARIES = None
+_LIBRARIES, _MODULES = None, 0
 _LOCK = threading.Lock()
 _DEPTH, _SAVED = 0, []
