@@ -544,10 +544,27 @@ def torch_path(base: Path, adapter: Path, mode: str, p: int, q: int, workdir: Pa
                     "O": {k: v["O"] for k, v in data["scores"].items()}}
 
 
-def ddiscan_report(base: Path, adapter: Path, out: Path, extra=()) -> dict:
-    exe = Path(sys.executable).parent / "ddiscan"
-    cmd = [str(exe), "report", str(base), str(adapter), "-q", "--format", "json", "-o", str(out), *extra]
+BASELINE_RUNNER = "import sys; sys.path.insert(0, sys.argv.pop(1)); from ddiscan.cli import main; sys.exit(main())"
+
+
+def ddiscan_report(base: Path, adapter: Path, out: Path, extra=(), tree: Path | None = None) -> dict:
+    """``ddiscan report`` as a subprocess; with ``tree``, the ddiscan of that source tree
+    (the baseline), run by the same interpreter."""
+    exe = [str(Path(sys.executable).parent / "ddiscan")] if tree is None else [sys.executable, "-c",
+                                                                               BASELINE_RUNNER, str(tree)]
+    cmd = [*exe, "report", str(base), str(adapter), "-q", "--format", "json", "-o", str(out), *extra]
     return run_measured(cmd)
+
+
+def baseline_tree(rev: str, root: Path) -> Path:
+    """The repository's source at ``rev`` (``git archive``), once, under the cache directory."""
+    tree = root / f"baseline-{rev}"
+    if not (tree / "ddiscan").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "ddiscan"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 def report_o(path: Path) -> dict:
@@ -717,6 +734,9 @@ def bench_one(shape: str, adapter: str, base: Path, adapter_dir: Path, args, wor
     res["kernels"] = {kernel: bench_kernel(kernel, mods, index, keys, locations, (base, adapter_dir, work),
                                            args, can_drop, ref, log)
                       for kernel in args.sketch}
+    if args.baseline:
+        res["kernels"]["baseline"] = bench_baseline(args.baseline_tree, (base, adapter_dir, work), keys, locations,
+                                                    args, can_drop, ref, log)
     res["startup"] = median_runs([run_measured([str(Path(sys.executable).parent / "ddiscan"), "--version"])
                                   for _ in range(3)])
     p = kernel_iters(args.sketch[0])
@@ -773,6 +793,28 @@ def bench_kernel(kernel: str, mods: list, index, keys: list, locations: dict, pa
     return res
 
 
+def bench_baseline(tree: Path, paths: tuple, keys: list, locations: dict, args, can_drop: bool, ref: dict,
+                   log) -> dict:
+    """``ddiscan report`` of the baseline tree (``--baseline``: the default before issue 18,
+    subspace iteration p = 4 over a whole widened copy of W0) warm and cold, as
+    :func:`bench_kernel` runs today's kernels, so the two are side by side in one run."""
+    base, adapter_dir, work = paths
+    out = work / "report-baseline.json"
+    read_floor(keys, locations)
+    ddiscan_report(base, adapter_dir, out, tree=tree)  # warm-up
+    res = {"iters": None, "compute": None, "kernel_in_memory": None,
+           "scan_warm": median_runs([ddiscan_report(base, adapter_dir, out, tree=tree) for _ in range(args.repeats)])}
+    res["err_scan"] = max_err(report_o(out), ref)
+    log(f"baseline: scan warm {res['scan_warm']}, max |dO| {res['err_scan']:.2e}")
+    if can_drop and args.cold:
+        runs = []
+        for _ in range(args.cold_repeats):
+            drop_caches()
+            runs.append(ddiscan_report(base, adapter_dir, out, tree=tree))
+        res["scan_cold"] = median_runs(runs)
+    return res
+
+
 def from_profile(base: Path, adapter_dir: Path, work: Path, args, log) -> dict:
     """``ddiscan profile BASE`` (default options, --max-t 64) built once, then ``ddiscan report
     PROFILE ADAPTER`` warm (median) against ``ddiscan report BASE ADAPTER``, and a cProfile of
@@ -809,6 +851,8 @@ def ratio(a, b):
     return None if a is None or b in (None, 0) else a / b
 
 
+# main before issue 18's block Krylov merge (406195f^1): the default it is measured against
+BASELINE = "5be9fd2"
 STARTUP_LIMIT = 0.3  # seconds: more than this for `ddiscan --version` is flagged
 
 
@@ -846,6 +890,8 @@ def kernel_rows(results: list):
 
 
 def kernel_label(kernel: str, kr: dict) -> str:
+    if kernel == "baseline":
+        return f"before issue 18 ({kr.get('rev', BASELINE)}: subspace, p = 4)"
     return f"{kernel} ({'iters' if kernel == 'krylov' else 'p'} = {kr['iters']})"
 
 
@@ -855,7 +901,10 @@ def render_results(results: list) -> list:
              "Times in seconds (scan and torch: medians of warm runs; read warm and compute floor: best of "
              "runs; cold = after dropping the page cache, one run unless `--cold-repeats`). t = r, q = 8; each "
              "kernel at its default iterations (`--sketch krylov --krylov-iters 4` is ddiscan's default, "
-             "`--sketch subspace --power-iters 4` the earlier one), the two run side by side in the same run. "
+             "`--sketch subspace --power-iters 4` the earlier one), the two run side by side in the same run, and "
+             "beside them `before issue 18`: the `ddiscan report` of the repository as it was before the block "
+             "Krylov kernel (`--baseline`; subspace iteration p = 4, no residual product, W0 widened whole), "
+             "the default the issue's time target is measured against. "
              "`scan` is `ddiscan report ... -q --format json -o F --sketch KERNEL` as a subprocess, including "
              "interpreter start-up (`startup` = `ddiscan --version`).", "",
              "| shape | adapter | modules | targeted GB (bf16) | kernel | read warm | read cold | compute floor "
@@ -878,21 +927,25 @@ def render_ratios(results: list) -> list:
     lines = ["### Ratios against the targets", "",
              "Each scan against its own kernel's compute floor.", "",
              "| shape | adapter | kernel | warm: scan / (read+compute) ≤ 1.25 | cold: scan / max(read, compute) ≤ 1.25 "
-             "| torch / scan ≥ 3 | scan RSS / torch RSS ≤ 0.2 | exact / scan | RSS ≤ 3·largest f32 + 150 MB "
+             "| scan warm / before issue 18 | torch / scan ≥ 3 | scan RSS / torch RSS ≤ 0.2 | exact / scan "
+             "| RSS ≤ 3·largest f32 + 150 MB "
              "| max abs ΔO scan | ΔO torch | ΔO ddiscan --exact | ΔO torch exact | reference modules |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     mark = lambda v, ok: "—" if v is None else f"{v:.2f} {'✓' if ok(v) else '✗'}"  # noqa: E731
     for r, kernel, kr in kernel_rows(results):
         warm = kr["scan_warm"]["wall"]
         cold = kr.get("scan_cold", {}).get("wall")
         rss, limit = kr["scan_warm"]["rss_mb"], 3 * r["largest_f32_mb"] + 150
-        rw = ratio(warm, r["read_warm"] + kr["compute"])
-        rc = ratio(cold, max(r.get("read_cold") or 0, kr["compute"])) if cold else None
+        floor = kr["compute"] if kr["compute"] is not None else r["kernels"].get("subspace", {}).get("compute")
+        rw = ratio(warm, r["read_warm"] + floor) if floor is not None else None
+        rc = ratio(cold, max(r.get("read_cold") or 0, floor)) if cold and floor is not None else None
+        before = r["kernels"].get("baseline", {}).get("scan_warm", {}).get("wall")
         rt = ratio(r.get("torch", {}).get("wall"), warm)
         rm = ratio(rss, r.get("torch", {}).get("rss_mb"))
         lines.append(
             f"| {r['shape']} | {r['adapter']} | {kernel_label(kernel, kr)} | {mark(rw, lambda v: v <= 1.25)} "
-            f"| {mark(rc, lambda v: v <= 1.25)} | {mark(rt, lambda v: v >= 3)} | {mark(rm, lambda v: v <= 0.2)} "
+            f"| {mark(rc, lambda v: v <= 1.25)} | {mark(ratio(warm, before), lambda v: v <= 1.0)} "
+            f"| {mark(rt, lambda v: v >= 3)} | {mark(rm, lambda v: v <= 0.2)} "
             f"| {fmt(ratio(r.get('scan_exact', {}).get('wall'), warm))} "
             f"| {rss:.0f} vs {limit:.0f} {'✓' if rss <= limit else '✗'} | {fmt(kr['err_scan'], '.1e')} "
             f"| {fmt(r.get('err_torch'), '.1e')} | {fmt(r.get('err_ddiscan_exact'), '.1e')} "
@@ -983,6 +1036,9 @@ def main(argv=None) -> int:
                         "ddiscan 0.1's subspace loop")
     parser.add_argument("--profile-ratio", default="1b:r64-all",
                         help="SHAPE:ADAPTER list to time scans from a `ddiscan profile` against from the base")
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="git revision whose ddiscan is run beside today's (default: main before issue 18, "
+                             "whose default was subspace iteration p = 4 on a whole widened W0); '' to skip")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--render-only", action="store_true",
@@ -1016,6 +1072,8 @@ def main(argv=None) -> int:
     if args.generate_only:
         return 0
 
+    if args.baseline:
+        args.baseline_tree = baseline_tree(args.baseline, root)
     can_drop = drop_caches()
     info = machine_info()
     results, profiles = [], {}
