@@ -1,5 +1,6 @@
-"""A checkpoint's weights (one ``.safetensors`` file or a sharded one), widened one at a
-time and sketched where a module needs their subspace."""
+"""A checkpoint's weights (one ``.safetensors`` file or a sharded one), read one at a time
+and sketched where a module needs their subspace: multiplied panel by panel from the
+mapped bytes (:mod:`ddiscan.panels`), widened whole only for ``exact``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 from ..io.convert import widen
 from ..io.index import TensorIndex
 from ..lora import orient
+from ..panels import Panels
 from ..sketch import Sketch, dominant_subspace
 
 
@@ -40,12 +42,19 @@ class CheckpointSource:
         return self.index.fetch(key)
 
     def load(self, key: str, fetched):
-        """W0 widened to float32 (float64 with ``exact``), and ‖W0‖_F."""
-        dtype = np.float64 if self.sketch.exact else np.float32
-        return widen(fetched, dtype, encoding=self.index.info(key).dtype)
+        """W0 as a :class:`~ddiscan.panels.Panels` operator over the mapped bytes (float32
+        products, a panel of rows widened at a time), or widened whole to float64 for the
+        ``exact`` SVD; and ‖W0‖_F."""
+        encoding = self.index.info(key).dtype
+        if self.sketch.exact:
+            return widen(fetched, np.float64, encoding=encoding)
+        return Panels.read(fetched, encoding=encoding)
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
-        w0 = xp.asarray(orient(module, matrix))
+        """Q_t of ``matrix`` as ``module`` sees it: NumPy multiplies an operator panel by
+        panel, any other namespace gets the dense matrix (``numpy.asarray``: one widening)."""
+        w0 = orient(module, matrix)
+        w0 = w0 if xp is np else xp.asarray(np.asarray(w0))
         return dominant_subspace(w0, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)[1]
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
