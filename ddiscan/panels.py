@@ -1,12 +1,15 @@
-"""W0 as a linear operator over its stored bytes: every product widens one row panel at a time.
+"""W0 as a linear operator over its stored bytes: every product widens one panel at a time.
 
 A base weight is stored as bfloat16, float16 or float8 (or float32); the kernels multiply
 W0 by thin blocks 11 times (:mod:`ddiscan.krylov`). Widening it whole first makes a float32
 copy (64 MiB for a 2048 × 8192 weight) that every product then reads at 4 bytes an
-element. :class:`Panels` instead widens a panel of rows into one reused float32 buffer
-small enough to stay in cache, multiplies it, and moves on: each product reads the stored
-bytes (2 for bfloat16) and the copy is never whole. benchmarks/WIDENING.md measures both
-ways on the real scan and chooses the panels, and the panel size.
+element. :class:`Panels` instead widens a panel of rows (of columns, for W0ᵀ Y) into one
+reused float32 buffer small enough to stay in cache, multiplies it, and moves on: each
+product reads the stored bytes (2 for bfloat16) and the copy is never whole. benchmarks/WIDENING.md measures both
+ways on the real scan: the panels save the copy's memory (58 MiB of 261 at rank 64 on the
+1B shape) but take 1.3–1.8× the time where the float32 copy fits in cache, so the scan
+keeps the whole copy (:class:`~ddiscan.sources.CheckpointSource`) and this operator is for
+when memory, not time, is what counts.
 
 The operator offers what the kernels use of the float32 matrix: ``shape``, ``dtype``,
 ``ndim``, ``A @ X``, ``A.mT`` (and ``A.T``), ``A / c`` and :meth:`Panels.peak`; the dense
@@ -25,9 +28,9 @@ from .io.convert import stored_encoding, widen, widen_block, widen_into
 
 __all__ = ["Panels", "PANEL_BYTES"]
 
-# The float32 buffer of one panel: measured in benchmarks/WIDENING.md (half the 2 MiB L2
-# of the machine measured on); a panel is at least one row.
-PANEL_BYTES = 1 << 20
+# The float32 buffer of one panel (a panel is at least one row or column): 1, 4 and 16 MiB
+# made the products within 4 % of each other (benchmarks/WIDENING.md).
+PANEL_BYTES = 4 << 20
 
 
 class _Stored:
@@ -37,27 +40,30 @@ class _Stored:
         self.array = np.ascontiguousarray(array.reshape(array.shape[0], -1) if array.ndim else array.reshape(1, 1))
         self.encoding = stored_encoding(self.array, encoding)
         rows, cols = self.array.shape
-        self.rows = max(1, min(rows, panel_bytes // max(1, 4 * cols)))
-        self.buffer = np.empty((self.rows, cols), np.float32)
+        elements = panel_bytes // 4
+        # rows per row panel, columns per column panel: each fills the buffer, at least one
+        self.step = (max(1, min(rows, elements // max(1, cols))), max(1, min(cols, elements // max(1, rows))))
+        self.buffer = np.empty(max(self.step[0] * cols, rows * self.step[1]), np.float32)
 
-    def panels(self, divisor):
-        """Yield ``(start, stop, panel)``: rows start:stop widened into the buffer, then
-        divided by ``divisor`` when it is not None."""
-        for start in range(0, self.array.shape[0], self.rows):
-            stop = min(start + self.rows, self.array.shape[0])
-            panel = self.buffer[: stop - start]
-            widen_block(self.array[start:stop].reshape(-1), panel.reshape(-1), encoding=self.encoding)
+    def panels(self, divisor, axis: int = 0):
+        """Yield ``(start, stop, panel)``: rows (``axis`` 0) or columns (1) start:stop widened
+        into the buffer, then divided by ``divisor`` when it is not None."""
+        size, step = self.array.shape[axis], self.step[axis]
+        for start in range(0, size, step):
+            stop = min(start + step, size)
+            stored = self.array[start:stop] if axis == 0 else self.array[:, start:stop]
+            panel = self.buffer[: stored.size].reshape(stored.shape)
+            widen_block(stored, panel, encoding=self.encoding)
             if divisor is not None:
                 np.divide(panel, divisor, out=panel)
             yield start, stop, panel
 
     def sum_of_squares(self) -> float:
-        """Σ x² of the tensor, panel by panel, as :func:`~ddiscan.io.convert.widen` takes it."""
-        total = 0.0
-        for start in range(0, self.array.shape[0], self.rows):
-            stop = min(start + self.rows, self.array.shape[0])
-            panel = self.buffer[: stop - start].reshape(-1)
-            total += widen_into(self.array[start:stop].reshape(-1), panel, encoding=self.encoding)
+        """Σ x² of the tensor, a row panel at a time, as :func:`~ddiscan.io.convert.widen` takes it."""
+        total, rows = 0.0, self.array.shape[0]
+        for start in range(0, rows, self.step[0]):
+            stored = self.array[start:start + self.step[0]].reshape(-1)
+            total += widen_into(stored, self.buffer[: stored.size], encoding=self.encoding)
         return total
 
 
@@ -113,7 +119,7 @@ class Panels:
         return self._like(transposed=self._transposed, divisor=divisor)
 
     def __matmul__(self, other):
-        """W0 X (or W0ᵀ X): one pass over the stored rows, a panel at a time."""
+        """W0 X (or W0ᵀ X): one pass over the stored tensor, a panel at a time."""
         other = np.asarray(other)
         if other.ndim not in (1, 2) or other.shape[0] != self.shape[1]:
             raise ValueError(f"matmul: operator {self.shape} and operand {other.shape} do not align")
@@ -126,12 +132,10 @@ class Panels:
         return out
 
     def _times_transposed(self, other, out_dtype):
-        """W0ᵀ Y = Σ over panels of panelᵀ Y[panel's rows]."""
-        out = np.zeros((self.shape[0], *other.shape[1:]), out_dtype)
-        part = np.empty_like(out)
-        for start, stop, panel in self._stored.panels(self._divisor):
-            np.matmul(panel.T, other[start:stop], out=part)
-            out += part
+        """W0ᵀ Y a column panel at a time: rows start:stop of W0ᵀ Y are panelᵀ Y."""
+        out = np.empty((self.shape[0], *other.shape[1:]), out_dtype)
+        for start, stop, panel in self._stored.panels(self._divisor, axis=1):
+            np.matmul(panel.T, other, out=out[start:stop])
         return out
 
     def peak(self):
@@ -160,4 +164,4 @@ class Panels:
         return NotImplemented
 
     def __repr__(self) -> str:
-        return f"Panels(shape={self.shape}, rows per panel={self._stored.rows}, stored={self._stored.array.dtype})"
+        return f"Panels(shape={self.shape}, panel steps={self._stored.step}, stored={self._stored.array.dtype})"

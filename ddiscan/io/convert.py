@@ -70,8 +70,9 @@ def widen_into(flat: np.ndarray, out: np.ndarray, *, encoding: str | None) -> fl
 
 
 def widen_block(flat: np.ndarray, out: np.ndarray, *, encoding: str | None) -> None:
-    """Widen ``flat`` into ``out`` (same size) in one ufunc pass: bfloat16/float8 bits decoded
-    exactly (:func:`ddiscan.io.dtypes.decode`), a NumPy float array cast."""
+    """Widen ``flat`` into ``out`` (same shape; either may be strided) in one ufunc pass:
+    bfloat16/float8 bits decoded exactly (:func:`ddiscan.io.dtypes.decode`), a NumPy float
+    array cast."""
     if encoding:
         dtypes.decode(flat, encoding, out=out)
     else:

@@ -1,6 +1,5 @@
-"""A checkpoint's weights (one ``.safetensors`` file or a sharded one), read one at a time
-and sketched where a module needs their subspace: multiplied panel by panel from the
-mapped bytes (:mod:`ddiscan.panels`), widened whole only for ``exact``."""
+"""A checkpoint's weights (one ``.safetensors`` file or a sharded one), widened one at a
+time and sketched where a module needs their subspace."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ import numpy as np
 from ..io.convert import widen
 from ..io.index import TensorIndex
 from ..lora import orient
-from ..panels import Panels
 from ..sketch import Sketch, dominant_subspace
 
 
@@ -42,17 +40,14 @@ class CheckpointSource:
         return self.index.fetch(key)
 
     def load(self, key: str, fetched):
-        """W0 as a :class:`~ddiscan.panels.Panels` operator over the mapped bytes (float32
-        products, a panel of rows widened at a time), or widened whole to float64 for the
-        ``exact`` SVD; and ‖W0‖_F."""
-        encoding = self.index.info(key).dtype
-        if self.sketch.exact:
-            return widen(fetched, np.float64, encoding=encoding)
-        return Panels.read(fetched, encoding=encoding)
+        """W0 widened to float32 (float64 with ``exact``), and ‖W0‖_F."""
+        dtype = np.float64 if self.sketch.exact else np.float32
+        return widen(fetched, dtype, encoding=self.index.info(key).dtype)
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
-        """Q_t of ``matrix`` as ``module`` sees it: NumPy multiplies an operator panel by
-        panel, any other namespace gets the dense matrix (``numpy.asarray``: one widening)."""
+        """Q_t of ``matrix`` as ``module`` sees it. NumPy takes it as it is (an array, or a
+        :class:`~ddiscan.panels.Panels` operator, multiplied panel by panel); any other
+        namespace gets the dense matrix (``numpy.asarray``)."""
         w0 = orient(module, matrix)
         w0 = w0 if xp is np else xp.asarray(np.asarray(w0))
         return dominant_subspace(w0, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)[1]
