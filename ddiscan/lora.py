@@ -286,7 +286,7 @@ def orient(module: LoraModule, w0: np.ndarray) -> np.ndarray:
     """The stored base tensor as W0, d × k: transposed (Conv1D) or flattened (convolution)."""
     if module.transpose_base:
         return w0.T
-    return w0.reshape(w0.shape[0], -1)
+    return w0 if w0.ndim == 2 else w0.reshape(w0.shape[0], -1)
 
 
 def base_matrix(module: LoraModule, base: TensorIndex) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import dtypes
 
-__all__ = ["widen", "frobenius"]
+__all__ = ["widen", "widen_into", "widen_block", "stored_encoding", "frobenius"]
 
 # Elements per block: 256 KiB of float32, small enough to stay in L2.
 BLOCK = 1 << 16
@@ -43,20 +43,40 @@ def widen(array: np.ndarray, dtype=np.float32, *, encoding: str | None = None) -
         blocks' sums in float64 (relative error about 1e-7 in float32, measured; exact
         to float64 rounding with ``dtype=float64``); NaN or Inf when the tensor holds one.
     """
-    dtype = np.dtype(dtype)
     flat = np.ascontiguousarray(array).reshape(-1)
-    encoding = encoding if encoding in dtypes.ENCODED else dtypes.encoding_of(flat)
-    out = np.empty(flat.shape, dtype)
+    out = np.empty(flat.shape, np.dtype(dtype))
+    total = widen_into(flat, out, encoding=stored_encoding(flat, encoding))
+    return out.reshape(array.shape), math.sqrt(total)
+
+
+def stored_encoding(array: np.ndarray, encoding: str | None) -> str | None:
+    """The encoding :func:`widen_into` decodes ``array`` by: ``encoding`` where it names one
+    of bfloat16/float8's stored bits, an ml_dtypes array's own, else None (a NumPy float)."""
+    return encoding if encoding in dtypes.ENCODED else dtypes.encoding_of(array)
+
+
+def widen_into(flat: np.ndarray, out: np.ndarray, *, encoding: str | None) -> float:
+    """Widen the 1-D ``flat`` into ``out`` (same size, float32 or float64) block by block;
+    return Σ x², each block's by :func:`_sum_of_squares` while it is in cache, float64
+    across blocks (the precision :func:`widen` states). ``encoding`` as
+    :func:`stored_encoding` gives it."""
     total = 0.0
     for start in range(0, flat.size, BLOCK):
         stop = min(start + BLOCK, flat.size)
         block = out[start:stop]
-        if encoding:
-            dtypes.decode(flat[start:stop], encoding, out=block)
-        else:
-            block[...] = flat[start:stop]
+        widen_block(flat[start:stop], block, encoding=encoding)
         total += _sum_of_squares(block)
-    return out.reshape(array.shape), math.sqrt(total)
+    return total
+
+
+def widen_block(flat: np.ndarray, out: np.ndarray, *, encoding: str | None) -> None:
+    """Widen ``flat`` into ``out`` (same shape; either may be strided) in one ufunc pass:
+    bfloat16/float8 bits decoded exactly (:func:`ddiscan.io.dtypes.decode`), a NumPy float
+    array cast."""
+    if encoding:
+        dtypes.decode(flat, encoding, out=out)
+    else:
+        out[...] = flat
 
 
 def _sum_of_squares(block: np.ndarray) -> float:

@@ -45,7 +45,11 @@ class CheckpointSource:
         return widen(fetched, dtype, encoding=self.index.info(key).dtype)
 
     def basis(self, key: str, matrix, *, module, t: int, xp):
-        w0 = xp.asarray(orient(module, matrix))
+        """Q_t of ``matrix`` as ``module`` sees it. NumPy takes it as it is (an array, or a
+        :class:`~ddiscan.panels.Panels` operator, multiplied panel by panel); any other
+        namespace gets the dense matrix (``numpy.asarray``)."""
+        w0 = orient(module, matrix)
+        w0 = w0 if xp is np else xp.asarray(np.asarray(w0))
         return dominant_subspace(w0, t=t, sketch=self.sketch, xp=xp, omegas=self.omegas)[1]
 
     def settle(self, parameters: dict) -> tuple[dict, list[str]]:
