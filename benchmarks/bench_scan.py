@@ -416,7 +416,10 @@ def compute_floor(mods: list, base_index, kernel: str, iters: int, q: int) -> tu
         t = min(r, d, k)
         omega = spectral.gaussian_test_matrix(k, min(t + q, d, k), 0).astype(np.float32)
         products += best_time(lambda: sketch_products(w0, omega, kernel, iters, t), 5) * len(keys)
-        whole += best_time(lambda: run_kernel(w0, omega, kernel, iters, t), 3) * len(keys)
+        # block Krylov runs on W0's smaller side: its Ω has max(d, k) rows
+        wide = omega if kernel != "krylov" or d <= k else spectral.gaussian_test_matrix(
+            d, omega.shape[1], 0).astype(np.float32)
+        whole += best_time(lambda: run_kernel(w0, wide, kernel, iters, t), 3) * len(keys)
     return products, whole
 
 
