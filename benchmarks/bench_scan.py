@@ -780,19 +780,26 @@ def bench_kernel(kernel: str, mods: list, index, keys: list, locations: dict, pa
     res["compute"], res["kernel_in_memory"] = compute_floor(mods, index, kernel, iters, DEFAULT_OVERSAMPLE)
     log(f"{kernel}: compute floor {res['compute']:.2f}s, kernel in memory {res['kernel_in_memory']:.2f}s")
     out = work / f"report-{kernel}.json"
-    extra = ["--sketch", kernel]
+    res |= timed_scans(lambda: ddiscan_report(base, adapter_dir, out, ["--sketch", kernel]), out, keys, locations,
+                       args, can_drop, ref)
+    log(f"{kernel}: scan warm {res['scan_warm']}, cold {res.get('scan_cold')}, max |dO| {res['err_scan']:.2e}")
+    return res
+
+
+def timed_scans(run, out: Path, keys: list, locations: dict, args, can_drop: bool, ref: dict) -> dict:
+    """``run()`` (a ``ddiscan report`` writing ``out``) warm (median of ``--repeats`` after a
+    warm-up, the base's bytes in the page cache) and cold (after dropping it), with its
+    max |O − O_exact| over the reference modules."""
     read_floor(keys, locations)
-    ddiscan_report(base, adapter_dir, out, extra)  # warm-up
-    res["scan_warm"] = median_runs([ddiscan_report(base, adapter_dir, out, extra) for _ in range(args.repeats)])
+    run()  # warm-up
+    res = {"scan_warm": median_runs([run() for _ in range(args.repeats)])}
     res["err_scan"] = max_err(report_o(out), ref)
-    log(f"{kernel}: scan warm {res['scan_warm']}, max |dO| {res['err_scan']:.2e}")
     if can_drop and args.cold:
         runs = []
         for _ in range(args.cold_repeats):
             drop_caches()
-            runs.append(ddiscan_report(base, adapter_dir, out, extra))
+            runs.append(run())
         res["scan_cold"] = median_runs(runs)
-        log(f"{kernel}: scan cold {res['scan_cold']}")
     return res
 
 
@@ -803,18 +810,10 @@ def bench_baseline(tree: Path, paths: tuple, keys: list, locations: dict, args, 
     :func:`bench_kernel` runs today's kernels, so the two are side by side in one run."""
     base, adapter_dir, work = paths
     out = work / "report-baseline.json"
-    read_floor(keys, locations)
-    ddiscan_report(base, adapter_dir, out, tree=tree)  # warm-up
-    res = {"iters": None, "compute": None, "kernel_in_memory": None,
-           "scan_warm": median_runs([ddiscan_report(base, adapter_dir, out, tree=tree) for _ in range(args.repeats)])}
-    res["err_scan"] = max_err(report_o(out), ref)
-    log(f"baseline: scan warm {res['scan_warm']}, max |dO| {res['err_scan']:.2e}")
-    if can_drop and args.cold:
-        runs = []
-        for _ in range(args.cold_repeats):
-            drop_caches()
-            runs.append(ddiscan_report(base, adapter_dir, out, tree=tree))
-        res["scan_cold"] = median_runs(runs)
+    res = {"iters": None, "compute": None, "kernel_in_memory": None}
+    res |= timed_scans(lambda: ddiscan_report(base, adapter_dir, out, tree=tree), out, keys, locations, args,
+                       can_drop, ref)
+    log(f"baseline: scan warm {res['scan_warm']}, cold {res.get('scan_cold')}, max |dO| {res['err_scan']:.2e}")
     return res
 
 
